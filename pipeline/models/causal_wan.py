@@ -1,0 +1,286 @@
+"""Wan2.1 DiT with bidirectional, block-causal and KV-cached attention.
+
+`CausalWanModel` *is* diffusers' `WanTransformer3DModel`: same config, same submodules, same state-dict
+keys, so a diffusers checkpoint directory loads strictly and our exports load in diffusers. What it adds
+is how it can be called:
+
+    model(x, t, text)                                  # bidirectional: teacher and critic (diffusers' output)
+    model(x, t, text, frames_per_block=1)              # block-causal over the whole clip (ODE init, checks)
+    cache = model.new_kv_cache()
+    model(x_block, t, text, kv_cache=cache)            # one block attending to the cached clean blocks
+    model(x_clean, t0, text, kv_cache=cache, update_cache=True)   # write the block's K/V into the cache
+
+Causality lives in the attention processors: a token in block b attends to every token of blocks <= b.
+With a cache, the current block's queries attend to [cached K/V ; current K/V] and RoPE is applied at the
+block's absolute frame position, so generating block by block equals the block-causal full forward.
+`timestep` may be per sample (B,) or per latent frame (B, F).
+
+Dropped relative to the parent: image conditioning (I2V) in the causal and cached modes, and context
+parallelism (`_cp_plan`) in those modes; both raise or are unused rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
+from diffusers.utils import BaseOutput
+
+
+@dataclass
+class KVCache:
+    """Per-layer self-attention K/V of the clean blocks generated so far, plus the text K/V.
+
+    Tensors are (B, tokens, heads, head_dim), RoPE already applied to K. Appending builds new tensors
+    (torch.cat) rather than writing in place, so a forward that captured the cache earlier (e.g. for
+    gradient-checkpoint recompute) still sees the K/V it was computed with.
+    """
+
+    self_kv: list[tuple[torch.Tensor, torch.Tensor] | None]
+    text_kv: list[tuple[torch.Tensor, torch.Tensor] | None]
+    num_frames: int = 0  # latent frames (before temporal patching) held in the cache
+
+    @classmethod
+    def empty(cls, num_layers: int) -> KVCache:
+        return cls(self_kv=[None] * num_layers, text_kv=[None] * num_layers)
+
+    def crop(self, max_frames: int, tokens_per_frame: int) -> None:
+        """Keep only the last `max_frames` cached frames (sliding-window generation of long clips)."""
+        if self.num_frames <= max_frames:
+            return
+        keep = max_frames * tokens_per_frame
+        self.self_kv = [None if kv is None else (kv[0][:, -keep:], kv[1][:, -keep:]) for kv in self.self_kv]
+        self.num_frames = max_frames
+
+
+@dataclass
+class _AttentionCall:
+    """What the processors of one forward need beyond their inputs; captured per call."""
+
+    token_block: torch.Tensor | None = None  # (L,) block index of each token, for the block-causal mask
+    past_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    new_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # filled when writing the cache
+    text_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # read/filled text K/V
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved RoPE (pairs (0,1), (2,3), ...); identical to diffusers' WanAttnProcessor."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, L, H, D) layout in and out, like diffusers' dispatch_attention_fn."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+class CausalWanAttnProcessor:
+    """Self- or cross-attention processor for one layer that is aware of the current `_AttentionCall`.
+
+    With no call context it defers to diffusers' own `WanAttnProcessor`, so the bidirectional model is
+    exactly diffusers' model.
+    """
+
+    def __init__(self, layer: int, cross: bool) -> None:
+        self.layer = layer
+        self.cross = cross
+        self.call: _AttentionCall | None = None
+        self._diffusers = WanAttnProcessor()
+
+    def __call__(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if self.call is None:
+            return self._diffusers(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if attn.add_k_proj is not None:
+            raise NotImplementedError("image conditioning (I2V) is not supported in causal or cached mode")
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        key, value = self._key_value(attn, hidden_states if not self.cross else encoder_hidden_states)
+        if self.cross:
+            out = _attend(query, key, value, None)
+        else:
+            query = _rotate(query, *rotary_emb)
+            key = _rotate(key, *rotary_emb)
+            out = self._self_attention(query, key, value)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def _key_value(self, attn: WanAttention, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        text_kv = self.call.text_kv
+        if self.cross and text_kv is not None and text_kv[self.layer] is not None:
+            return text_kv[self.layer]  # the prompt's K/V are computed once per cache
+        key = attn.norm_k(attn.to_k(source)).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(source).unflatten(2, (attn.heads, -1))
+        if self.cross and text_kv is not None:
+            text_kv[self.layer] = (key, value)
+        return key, value
+
+    def _self_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        call = self.call
+        if call.new_kv is not None:
+            call.new_kv[self.layer] = (key, value)
+        past = call.past_kv[self.layer] if call.past_kv else None
+        if past is not None:
+            key = torch.cat([past[0], key], dim=1)
+            value = torch.cat([past[1], value], dim=1)
+        mask = None
+        if call.token_block is not None:  # full block-causal forward: token i sees block(j) <= block(i)
+            mask = call.token_block[None, :] <= call.token_block[:, None]
+        return _attend(query, key, value, mask)
+
+
+class CausalWanOutput(BaseOutput):
+    sample: torch.Tensor
+    features: list[torch.Tensor] | None = None  # (B, L, dim) after each block in `feature_layers`
+
+
+class CausalWanModel(WanTransformer3DModel):
+    __doc__ = __doc__
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._install_processors()
+
+    # diffusers reads a model's config keys off its __init__ signature: expose the parent's.
+    __init__.__signature__ = inspect.signature(WanTransformer3DModel.__init__)
+
+    def _install_processors(self) -> None:
+        for i, block in enumerate(self.blocks):
+            block.attn1.set_processor(CausalWanAttnProcessor(i, cross=False))
+            block.attn2.set_processor(CausalWanAttnProcessor(i, cross=True))
+
+    def new_kv_cache(self) -> KVCache:
+        return KVCache.empty(len(self.blocks))
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        _, p_h, p_w = self.config.patch_size
+        return (height // p_h) * (width // p_w)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict | None = None,
+        *,
+        frames_per_block: int | None = None,
+        kv_cache: KVCache | None = None,
+        update_cache: bool = False,
+        feature_layers: tuple[int, ...] = (),
+    ) -> CausalWanOutput | tuple[torch.Tensor, ...]:
+        """Velocity prediction for `hidden_states` (B, C, F, H, W) at `timestep` (B,) or (B, F)."""
+        if frames_per_block is None and kv_cache is None:
+            call = None  # bidirectional: diffusers' processors, exactly
+        else:
+            call = self._attention_call(hidden_states, frames_per_block, kv_cache, update_cache)
+        if call is not None and encoder_hidden_states_image is not None:
+            raise NotImplementedError("image conditioning (I2V) is not supported in causal or cached mode")
+        frame_offset = kv_cache.num_frames if kv_cache is not None else 0
+        sample, features = self._run(hidden_states, timestep, encoder_hidden_states, call, frame_offset, feature_layers)
+        if kv_cache is not None:
+            kv_cache.text_kv = call.text_kv
+            if update_cache:
+                kv_cache.self_kv = [
+                    new if old is None else (torch.cat([old[0], new[0]], 1), torch.cat([old[1], new[1]], 1))
+                    for old, new in zip(kv_cache.self_kv, call.new_kv)
+                ]
+                kv_cache.num_frames += hidden_states.shape[2]
+        if not return_dict:
+            return (sample,) if not feature_layers else (sample, features)
+        return CausalWanOutput(sample=sample, features=features or None)
+
+    def _attention_call(
+        self, x: torch.Tensor, frames_per_block: int | None, kv_cache: KVCache | None, update_cache: bool
+    ) -> _AttentionCall:
+        if kv_cache is not None:
+            if frames_per_block is not None:
+                raise ValueError("pass either kv_cache (one block at a time) or frames_per_block, not both")
+            new_kv = [None] * len(self.blocks) if update_cache else None
+            return _AttentionCall(past_kv=list(kv_cache.self_kv), new_kv=new_kv, text_kv=list(kv_cache.text_kv))
+        if update_cache:
+            raise ValueError("update_cache=True needs a kv_cache")
+        p_t = self.config.patch_size[0]
+        num_frames, height, width = x.shape[2:]
+        if num_frames % (frames_per_block * p_t):
+            raise ValueError(f"{num_frames} latent frames do not split into blocks of {frames_per_block}")
+        frame = torch.arange(num_frames // p_t, device=x.device)
+        token_block = (frame // frames_per_block).repeat_interleave(self.tokens_per_frame(height, width))
+        return _AttentionCall(token_block=token_block)
+
+    def _rope(self, x: torch.Tensor, frame_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """diffusers' RoPE table for frames [frame_offset, frame_offset + F): build it for the longer
+        clip (shape only, on the meta device) and keep the trailing tokens."""
+        batch, channels, num_frames, height, width = x.shape
+        longer = torch.empty(batch, channels, frame_offset + num_frames, height, width, device="meta")
+        cos, sin = self.rope(longer)
+        skip = frame_offset // self.config.patch_size[0] * self.tokens_per_frame(height, width)
+        return cos[:, skip:], sin[:, skip:]
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        call: _AttentionCall | None,
+        frame_offset: int,
+        feature_layers: tuple[int, ...],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        batch, _, num_frames, height, width = x.shape
+        p_t, p_h, p_w = self.config.patch_size
+        rotary_emb = self._rope(x, frame_offset) if frame_offset else self.rope(x)
+
+        tokens = self.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
+        if timestep.ndim == 2:  # per latent frame -> per token, diffusers' Wan2.2 per-token path
+            timestep = timestep[:, :: p_t].repeat_interleave(self.tokens_per_frame(height, width), dim=1)
+        ts_seq_len = timestep.shape[1] if timestep.ndim == 2 else None
+        temb, timestep_proj, text, _ = self.condition_embedder(
+            timestep.flatten() if ts_seq_len else timestep, text, None, timestep_seq_len=ts_seq_len
+        )
+        timestep_proj = timestep_proj.unflatten(2 if ts_seq_len else 1, (6, -1))
+
+        features = []
+        for i, block in enumerate(self.blocks):
+            tokens = self._run_block(block, call, tokens, text, timestep_proj, rotary_emb)
+            if i in feature_layers:
+                features.append(tokens)
+
+        if temb.ndim == 3:
+            shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        else:
+            shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        tokens = (self.norm_out(tokens.float()) * (1 + scale) + shift).type_as(tokens)
+        tokens = self.proj_out(tokens)
+        tokens = tokens.reshape(batch, num_frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
+        sample = tokens.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        return sample, features
+
+    def _run_block(self, block, call, tokens, text, timestep_proj, rotary_emb) -> torch.Tensor:
+        """One transformer block with this call's attention context set on its two processors."""
+
+        def run(tokens: torch.Tensor) -> torch.Tensor:
+            block.attn1.processor.call = block.attn2.processor.call = call
+            try:
+                return block(tokens, text, timestep_proj, rotary_emb)
+            finally:
+                block.attn1.processor.call = block.attn2.processor.call = None
+
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(run, tokens)
+        return run(tokens)

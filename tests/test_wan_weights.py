@@ -1,0 +1,75 @@
+"""Original-Wan <-> diffusers key map against diffusers' own converter, and loading every layout."""
+
+import copy
+
+import fsspec
+import pytest
+import torch
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+from safetensors.torch import save_file
+
+from pipeline.models.wan_weights import diffusers_to_original, load_wan, original_to_diffusers
+from tests.conftest import tiny_wan
+
+
+def _outputs(model):
+    g = torch.Generator().manual_seed(0)
+    x, t, text = torch.randn(1, 4, 2, 8, 8, generator=g), torch.tensor([500.0]), torch.randn(1, 5, 32, generator=g)
+    with torch.no_grad():
+        return model(x, t, text).sample
+
+
+def test_key_map_agrees_with_diffusers_converter():
+    state = tiny_wan().state_dict()
+    original = diffusers_to_original(state)
+    assert "blocks.0.self_attn.q.weight" in original and "blocks.0.norm3.weight" in original
+    assert "head.modulation" in original and "text_embedding.0.weight" in original
+    theirs = convert_wan_transformer_to_diffusers(copy.copy(original))
+    assert set(theirs) == set(state)
+    assert all(torch.equal(theirs[k], state[k]) for k in state)
+    ours = original_to_diffusers(original)
+    assert set(ours) == set(state) and all(torch.equal(ours[k], state[k]) for k in state)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(KeyError, match="blocks.0.mystery.weight"):
+        original_to_diffusers({"blocks.0.mystery.weight": torch.zeros(1)})
+
+
+def test_loads_diffusers_directory(tmp_path):
+    model = tiny_wan(seed=3)
+    model.save_pretrained(tmp_path / "transformer")
+    loaded = load_wan(str(tmp_path / "transformer"))
+    assert torch.equal(_outputs(loaded), _outputs(model))
+
+
+@pytest.mark.parametrize("wrapper", ["generator", "generator_ema"])
+def test_loads_self_forcing_style_pt_in_original_layout(tmp_path, wrapper):
+    model = tiny_wan(seed=4)
+    original = {f"model.{k}": v for k, v in diffusers_to_original(model.state_dict()).items()}
+    other = {f"model.{k}": torch.zeros_like(v) for k, v in diffusers_to_original(model.state_dict()).items()}
+    payload = {wrapper: original, "critic": other}
+    torch.save(payload, tmp_path / "ckpt.pt")
+    loaded = load_wan(str(tmp_path / "ckpt.pt"), config="tiny", entry=wrapper)
+    assert torch.equal(_outputs(loaded), _outputs(model))
+
+
+def test_loads_prefixed_safetensors_and_names_mismatches(tmp_path):
+    model = tiny_wan(seed=5)
+    save_file({f"generator.{k}": v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors")
+    assert torch.equal(_outputs(load_wan(str(tmp_path / "w.safetensors"), config="tiny")), _outputs(model))
+    broken = {k: v for k, v in model.state_dict().items() if k != "proj_out.bias"}
+    save_file({k: v.contiguous() for k, v in broken.items()}, tmp_path / "broken.safetensors")
+    with pytest.raises(ValueError, match=r"broken.safetensors.*missing proj_out.bias"):
+        load_wan(str(tmp_path / "broken.safetensors"), config="tiny")
+    with pytest.raises(ValueError, match="needs a model config"):
+        load_wan(str(tmp_path / "w.safetensors"))
+
+
+def test_loads_diffusers_directory_from_s3(tmp_path, s3_server):
+    model = tiny_wan(seed=6)
+    model.save_pretrained(tmp_path / "transformer")
+    fs = fsspec.filesystem("s3")
+    fs.put(str(tmp_path / "transformer"), "oneforce-test/models/transformer", recursive=True)
+    loaded = load_wan("s3://oneforce-test/models/transformer")
+    assert torch.equal(_outputs(loaded), _outputs(model))
