@@ -1,0 +1,290 @@
+"""Typed experiment config: dataclass defaults <- YAML file <- dotted CLI overrides.
+
+Every section is a dataclass validated in `__post_init__`; unknown keys and wrong types are errors that
+name the dotted key. `Config.to_dict()` is what MLflow logs as params and what `--dry-run` prints.
+
+    cfg = load_config("configs/toy_framewise.yaml", ["train.lr=2e-6", "model.frames_per_block=3"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    """The three Wan roles. Paths are diffusers directories or single files, local or s3://.
+
+    `*_arch` names a built-in architecture (see pipeline.models.wan_weights.WAN_CONFIGS) used when a
+    path is a single weights file or empty (random init: tests, the toy world).
+    """
+
+    teacher_path: str = ""
+    teacher_arch: str = "tiny"
+    student_path: str = ""  # the ODE-init checkpoint; empty = start from the teacher's weights
+    student_arch: str = "tiny"
+    critic_path: str = ""  # empty = start from the teacher's weights (as in DMD2 / Self-Forcing)
+    critic_arch: str = "tiny"
+    frames_per_block: int = 1  # 1 = framewise (the headline), 3 = chunkwise
+    num_latent_frames: int = 21
+    latent_height: int = 60
+    latent_width: int = 104
+    text_encoder_path: str = ""  # umT5 directory; empty = the toy text encoder
+    codec: str = ""  # a Wan VAE directory, or "patch:4" for the toy codec
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self) -> None:
+        _positive(self, "frames_per_block", "num_latent_frames", "latent_height", "latent_width")
+        if self.num_latent_frames % self.frames_per_block:
+            raise ConfigError(
+                f"model.num_latent_frames={self.num_latent_frames} is not a multiple of "
+                f"model.frames_per_block={self.frames_per_block}"
+            )
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_latent_frames // self.frames_per_block
+
+
+@dataclass
+class DiscriminatorConfig:
+    """GAN heads on critic features (One-Forcing: taps after blocks 21 and 29 of 30, 0-based 20 and 28)."""
+
+    feature_layers: list[int] = field(default_factory=lambda: [1])
+    num_registers: int = 1
+    num_heads: int = 2
+    ffn_dim: int = 64
+    hidden_dim: int = 64
+    timestep_conditioning: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_registers", "num_heads", "ffn_dim", "hidden_dim")
+        if not self.feature_layers:
+            raise ConfigError("method.discriminator.feature_layers must name at least one critic layer")
+
+
+@dataclass
+class MethodConfig:
+    """One-Forcing: self-forcing rollouts, DMD with a CFG real score, and a GAN on critic features."""
+
+    denoising_steps: list[int] = field(default_factory=lambda: [1000])  # training: one step per block
+    warp_denoising_steps: bool = True  # map the list through the shift, as Self-Forcing does
+    shift: float = 5.0
+    gradient_num_blocks: int = 17  # blocks (from the end) whose generating forward carries grad
+    same_exit_step_across_blocks: bool = True
+    context_noise: float = 0.0  # timestep of the cache-writing pass on each clean block
+    real_guidance: float = 5.0  # x0_real = x0_cond + g (x0_cond - x0_uncond)
+    min_timestep: float = 20.0
+    max_timestep: float = 980.0
+    gen_every: int = 5  # one generator update per this many critic updates
+    gan_generator_weight: float = 0.03
+    gan_discriminator_weight: float = 0.03
+    gan_loss: Literal["nonsaturating", "relativistic"] = "nonsaturating"
+    r1_weight: float = 0.0
+    r2_weight: float = 0.0
+    r1_sigma: float = 0.1
+    inference_schedule: Literal["uniform", "first4then1"] = "uniform"
+    negative_prompt: str = (
+        "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, "
+        "static, overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, "
+        "extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, "
+        "fused fingers, still picture, messy background, three legs, many people in the background, "
+        "walking backwards"
+    )
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+
+    def __post_init__(self) -> None:
+        if not self.denoising_steps or sorted(self.denoising_steps, reverse=True) != self.denoising_steps:
+            raise ConfigError(f"method.denoising_steps must be decreasing and non-empty, got {self.denoising_steps}")
+        if not all(0 < t <= 1000 for t in self.denoising_steps):
+            raise ConfigError(f"method.denoising_steps must lie in (0, 1000], got {self.denoising_steps}")
+        if not 0 <= self.min_timestep < self.max_timestep <= 1000:
+            raise ConfigError("method.min_timestep < method.max_timestep must lie in [0, 1000]")
+        _positive(self, "gradient_num_blocks", "gen_every", "shift")
+
+
+@dataclass
+class DataConfig:
+    prompts: str = ""  # prompt file, directory or glob (txt, jsonl, csv, parquet), local or s3://
+    videos: str = ""  # captioned videos for real latents; empty = teacher ODE outputs play "real"
+    output: str = ""  # Parquet dataset directory, local or s3://
+    seed: int = 0
+    max_prompt_chars: int = 2000
+    teacher_steps: int = 50
+    teacher_guidance: float = 5.0
+    trajectory_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-5
+    critic_lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    ema_decay: float = 0.99
+    ema_start_step: int = 50
+    steps: int = 200  # critic updates
+    batch_size: int = 1  # per worker
+    seed: int = 0
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    checkpoint_every: int = 50
+    log_every: int = 10
+    storage_path: str = "~/oneforce_runs"
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr", "critic_lr", "steps", "batch_size", "checkpoint_every", "log_every")
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas must have two values, got {self.betas}")
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # empty = start or join a local instance
+    num_workers: int = 1
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    teacher_actors: int = 1
+    teacher_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    critic_placement: Literal["trainer", "actors"] = "trainer"
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_workers", "teacher_actors")
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = ""  # empty = ./mlruns
+    experiment: str = "oneforce"
+    run_name: str = ""
+    sample_every: int = 50
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.method.gradient_num_blocks > self.model.num_blocks:
+            raise ConfigError(
+                f"method.gradient_num_blocks={self.method.gradient_num_blocks} exceeds the clip's "
+                f"{self.model.num_blocks} blocks (model.num_latent_frames / model.frames_per_block)"
+            )
+        disc_layers = self.method.discriminator.feature_layers
+        if any(layer < 0 for layer in disc_layers):
+            raise ConfigError(f"method.discriminator.feature_layers must be >= 0, got {disc_layers}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML at `path` <- `overrides` ("section.key=value", values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    if path:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return build(Config, tree)
+
+
+def build(cls: type, tree: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate dataclass `cls` from a nested dict, checking every key and type."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {tree!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(tree) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in tree.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from err
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key + ".")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        for arg in args:
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not match {hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(args[0], k, key): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got {value!r}") from None
+    if hint is type(None) and value is None:
+        return None
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+    node[leaf] = value
+
+
+def _positive(section: Any, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) <= 0:
+            raise ConfigError(f"{_SECTION_NAMES[type(section).__name__]}.{name} must be > 0")
+
+
+_SECTION_NAMES = {
+    "ModelConfig": "model", "MethodConfig": "method", "DiscriminatorConfig": "method.discriminator",
+    "TrainConfig": "train", "RayConfig": "ray", "TrackingConfig": "tracking", "DataConfig": "data",
+}
