@@ -1,0 +1,131 @@
+"""Self-forcing rollout of the causal student: block by block on its own outputs, with a KV cache.
+
+Training and inference share `iter_blocks`. For each block of `frames_per_block` latent frames:
+  1. start from pure noise and walk the block's step list; each step predicts x0 and, unless it is the
+     exit step, re-noises it to the next timestep with fresh noise;
+  2. the exit step's prediction is the block's output; only the last `gradient_num_blocks` blocks run
+     that one forward with grad, everything else runs under no_grad;
+  3. the clean block is run once more at t = `context_noise`, without grad, to write its K/V into the
+     cache (skipped after the last block: nothing reads it).
+So a one-step rollout of N blocks costs 2N - 1 model calls and a four-step one 5N - 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+from pipeline.flow import add_noise, warp_timesteps, x0_from_velocity
+
+
+class CausalStudent(Protocol):
+    """What the rollout needs of a model; `CausalWanModel` implements it."""
+
+    def new_kv_cache(self): ...
+
+    def __call__(self, hidden_states, timestep, encoder_hidden_states, *, kv_cache, update_cache=False): ...
+
+
+@dataclass
+class RolloutOutput:
+    x0: torch.Tensor  # (B, C, F, H, W); frames from `first_grad_frame` on carry grad
+    first_grad_frame: int  # == F when nothing carries grad
+
+
+def training_steps(denoising_steps: Sequence[float], shift: float, warp: bool) -> list[float]:
+    """The per-block step list used in training, warped through the shift when asked."""
+    return warp_timesteps(denoising_steps, shift) if warp else [float(t) for t in denoising_steps]
+
+
+def inference_schedule(
+    num_blocks: int, steps: Sequence[float], schedule: Literal["uniform", "first4then1"]
+) -> list[list[float]]:
+    """`uniform`: every block walks `steps`. `first4then1`: the first block walks `steps` (the four-step
+    list), every later block takes the single step `steps[0]` (pure noise, t = 1000 warped)."""
+    if schedule == "uniform":
+        return [list(steps) for _ in range(num_blocks)]
+    if schedule == "first4then1":
+        return [list(steps)] + [[steps[0]] for _ in range(num_blocks - 1)]
+    raise ValueError(f"unknown inference schedule '{schedule}'")
+
+
+def draw_exit_steps(
+    num_blocks: int, num_steps: int, generator: torch.Generator, same_across_blocks: bool = True
+) -> list[int]:
+    """Which step of each block's list ends it (and carries grad). Seed `generator` identically on every
+    rank (e.g. from the run seed and the step counter) so all ranks draw the same exits."""
+    count = 1 if same_across_blocks else num_blocks
+    draws = torch.randint(0, num_steps, (count,), generator=generator).tolist()
+    return draws * num_blocks if same_across_blocks else draws
+
+
+def iter_blocks(
+    student: CausalStudent,
+    noise: torch.Tensor,
+    text: torch.Tensor,
+    steps_per_block: Sequence[Sequence[float]],
+    frames_per_block: int,
+    *,
+    exit_steps: Sequence[int] | None = None,
+    gradient_num_blocks: int = 0,
+    context_noise: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield each block's clean x0 (B, C, frames_per_block, H, W) as soon as it is produced.
+
+    `noise` (B, C, F, H, W) holds the starting noise of every block; `exit_steps[b]` is the index in
+    block b's step list whose prediction is kept (default: the last step); `generator` drives the
+    re-noising between steps.
+    """
+    num_blocks = len(steps_per_block)
+    if noise.shape[2] != num_blocks * frames_per_block:
+        raise ValueError(f"noise has {noise.shape[2]} frames, expected {num_blocks} blocks x {frames_per_block}")
+    batch = noise.shape[0]
+    cache = student.new_kv_cache()
+    for block, steps in enumerate(steps_per_block):
+        exit_index = len(steps) - 1 if exit_steps is None else exit_steps[block]
+        with_grad = block >= num_blocks - gradient_num_blocks
+        x_t = noise[:, :, block * frames_per_block : (block + 1) * frames_per_block]
+        for i, t in enumerate(steps[: exit_index + 1]):
+            is_exit = i == exit_index
+            t_batch = torch.full((batch,), float(t), device=noise.device)
+            grad_context = contextlib.nullcontext() if (is_exit and with_grad) else torch.no_grad()
+            with grad_context:
+                v = student(x_t, t_batch, text, kv_cache=cache).sample
+                x0 = x0_from_velocity(x_t, v, t_batch)
+            if not is_exit:
+                fresh = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+                x_t = add_noise(x0, fresh, steps[i + 1])
+        yield x0
+        if block + 1 < num_blocks:
+            _write_cache(student, cache, x0.detach(), text, context_noise, generator)
+
+
+def _write_cache(student, cache, x0: torch.Tensor, text: torch.Tensor, context_noise: float, generator) -> None:
+    t_batch = torch.full((x0.shape[0],), float(context_noise), device=x0.device)
+    context = x0
+    if context_noise > 0:
+        fresh = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        context = add_noise(x0, fresh, t_batch)
+    with torch.no_grad():
+        student(context, t_batch, text, kv_cache=cache, update_cache=True)
+
+
+def rollout(
+    student: CausalStudent,
+    noise: torch.Tensor,
+    text: torch.Tensor,
+    steps_per_block: Sequence[Sequence[float]],
+    frames_per_block: int,
+    **kwargs,
+) -> RolloutOutput:
+    """The whole clip from `iter_blocks`, concatenated along frames."""
+    blocks = list(iter_blocks(student, noise, text, steps_per_block, frames_per_block, **kwargs))
+    grad_blocks = min(kwargs.get("gradient_num_blocks", 0), len(blocks))
+    return RolloutOutput(
+        x0=torch.cat(blocks, dim=2), first_grad_frame=(len(blocks) - grad_blocks) * frames_per_block
+    )

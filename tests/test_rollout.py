@@ -1,0 +1,124 @@
+"""Self-forcing rollout against a recompute without cache, call counts, and gradient masking."""
+
+import pytest
+import torch
+
+from pipeline.flow import add_noise, x0_from_velocity
+from pipeline.rollout import draw_exit_steps, inference_schedule, iter_blocks, rollout, training_steps
+from tests.conftest import tiny_wan
+
+FRAMES, TEXT = 6, None
+
+
+def _noise_and_text(batch=1, frames=FRAMES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, frames, 8, 8, generator=g), torch.randn(batch, 5, 32, generator=g)
+
+
+def _recompute_one_step(model, noise, text, fpb, t_gen, t_ctx=0.0):
+    """Reference without a KV cache: block b = one full block-causal forward over the clean previous
+    blocks (at the context timestep) followed by block b's noise at t_gen."""
+    clean = []
+    for b in range(noise.shape[2] // fpb):
+        block = noise[:, :, b * fpb:(b + 1) * fpb]
+        x = torch.cat(clean + [block], dim=2)
+        t = torch.full((1, x.shape[2]), t_ctx)
+        t[:, -fpb:] = t_gen
+        v = model(x, t, text, frames_per_block=fpb).sample[:, :, -fpb:]
+        clean.append(x0_from_velocity(block, v, torch.tensor([t_gen])))
+    return torch.cat(clean, dim=2)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fpb", [1, 3])
+def test_one_step_rollout_equals_recompute_without_cache(fpb):
+    model = tiny_wan()
+    noise, text = _noise_and_text()
+    steps = inference_schedule(FRAMES // fpb, [1000.0], "uniform")
+    out = rollout(model, noise, text, steps, fpb).x0
+    assert (out - _recompute_one_step(model, noise, text, fpb, 1000.0)).abs().max() <= 1e-4
+
+
+class CountingModel(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def new_kv_cache(self):
+        return self.model.new_kv_cache()
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+@torch.no_grad()
+def test_call_counts_one_step_2n_minus_1_four_step_5n_minus_1():
+    model = CountingModel(tiny_wan())
+    noise, text = _noise_and_text()
+    four = training_steps([1000, 750, 500, 250], 5.0, warp=True)
+    rollout(model, noise, text, inference_schedule(FRAMES, [1000.0], "uniform"), 1)
+    assert model.calls == 2 * FRAMES - 1
+    model.calls = 0
+    rollout(model, noise, text, inference_schedule(FRAMES, four, "uniform"), 1)
+    assert model.calls == 5 * FRAMES - 1
+    model.calls = 0
+    rollout(model, noise, text, inference_schedule(FRAMES, four, "first4then1"), 1)
+    assert model.calls == 4 + (FRAMES - 1) + (FRAMES - 1)
+
+
+@torch.no_grad()
+def test_exit_step_keeps_that_steps_prediction():
+    """Exiting at step k of [t0, t1, t2, t3] equals walking the list [t0 .. tk] to its end."""
+    model = tiny_wan()
+    noise, text = _noise_and_text(frames=2)
+    four = training_steps([1000, 750, 500, 250], 5.0, warp=True)
+    exited = rollout(model, noise, text, [four, four], 1, exit_steps=[1, 1],
+                     generator=torch.Generator().manual_seed(7)).x0
+    walked = rollout(model, noise, text, [four[:2], four[:2]], 1, generator=torch.Generator().manual_seed(7)).x0
+    assert torch.equal(exited, walked)
+    # and the first block by hand: predict x0 at t0, re-noise to t1 with the generator's noise, predict again
+    g = torch.Generator().manual_seed(7)
+    cache = model.new_kv_cache()
+    x = noise[:, :, :1]
+    x0 = x0_from_velocity(x, model(x, torch.tensor([four[0]]), text, kv_cache=cache).sample, four[0])
+    x = add_noise(x0, torch.randn(x0.shape, generator=g), four[1])
+    x0 = x0_from_velocity(x, model(x, torch.tensor([four[1]]), text, kv_cache=cache).sample, four[1])
+    assert (x0 - exited[:, :, :1]).abs().max() <= 1e-5
+
+
+def test_exit_steps_are_shared_by_equal_seeds():
+    a = draw_exit_steps(7, 4, torch.Generator().manual_seed(3))
+    b = draw_exit_steps(7, 4, torch.Generator().manual_seed(3))
+    assert a == b and len(set(a)) == 1 and 0 <= a[0] < 4
+    per_block = draw_exit_steps(50, 4, torch.Generator().manual_seed(3), same_across_blocks=False)
+    assert len(set(per_block)) > 1
+
+
+def test_gradient_num_blocks_only_last_blocks_carry_grad():
+    model = tiny_wan()
+    noise, text = _noise_and_text(frames=3)
+    steps = inference_schedule(3, [1000.0], "uniform")
+    out = rollout(model, noise, text, steps, 1, gradient_num_blocks=1)
+    assert out.first_grad_frame == 2
+    weights = torch.randn_like(out.x0)
+    (out.x0 * weights).sum().backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    rollout_grads = [p.grad.clone() for p in params]
+    assert rollout_grads and any(g.abs().max() > 0 for g in rollout_grads)
+    # reference: rebuild the cache without grad, then run only the last block's forward with grad
+    model.zero_grad()
+    with torch.no_grad():
+        first_two = rollout(model, noise[:, :, :2], text, steps[:2], 1).x0
+        cache = model.new_kv_cache()
+        for f in range(2):
+            model(first_two[:, :, f:f + 1], torch.zeros(1), text, kv_cache=cache, update_cache=True)
+    last = noise[:, :, 2:]
+    x0_last = x0_from_velocity(last, model(last, torch.tensor([1000.0]), text, kv_cache=cache).sample, 1000.0)
+    (x0_last * weights[:, :, 2:]).sum().backward()
+    for got, want in zip(rollout_grads, (p.grad for p in params)):
+        assert torch.allclose(got, want, atol=1e-5)
+    # the earlier blocks' frames do not depend on the parameters at all
+    early = rollout(model, noise, text, steps, 1, gradient_num_blocks=1).x0[:, :, :2]
+    grads = torch.autograd.grad(early.sum(), list(model.parameters()), allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
