@@ -1,0 +1,111 @@
+"""One-Forcing's losses (DESIGN §3) as pure functions of tensors and callables.
+
+The generator's update is expressed as a gradient *on the sample* x0: the DMD term comes from the
+teacher and the critic's scores, the GAN term from the critic's heads, and the worker applies
+`x0.backward(dmd_gradient + gan_gradient)`. That is what lets the teacher and critic live behind actor
+boundaries: each returns a tensor shaped like x0. Every `*_gradient` here is exactly the autograd
+gradient of the matching `*_loss` (tests check this).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.flow import add_noise
+
+GanKind = Literal["nonsaturating", "relativistic"]
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # noisy sample -> (B,) logits
+
+
+def frame_mask(x0: torch.Tensor, first_frame: int) -> torch.Tensor:
+    """1 on frames >= first_frame (those whose generating forward carried grad), broadcastable to x0."""
+    mask = torch.zeros(1, 1, x0.shape[2], 1, 1, dtype=torch.float32, device=x0.device)
+    mask[:, :, first_frame:] = 1.0
+    return mask
+
+
+def dmd_direction(x0: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
+    """(x0_fake - x0_real) / mean|x0 - x0_real|, the normaliser per sample over (C, F, H, W); fp32.
+    A zero normaliser gives non-finite entries; nan_to_num keeps them finite (the step's gradient
+    clipping then bounds them), as the reference implementations do."""
+    x0, x0_fake, x0_real = x0.float(), x0_fake.float(), x0_real.float()
+    normaliser = (x0 - x0_real).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
+    return torch.nan_to_num((x0_fake - x0_real) / normaliser)
+
+
+def dmd_loss(x0: torch.Tensor, direction: torch.Tensor, first_frame: int = 0) -> torch.Tensor:
+    """0.5 * mean((x0 - sg(x0 - direction))^2) over the frames that carry grad, in fp32."""
+    mask = frame_mask(x0, first_frame)
+    target = (x0.float() - direction).detach()
+    squared = (x0.float() - target) ** 2 * mask
+    return 0.5 * squared.sum() / (mask.sum() * x0[:, :, :1].numel())
+
+
+def dmd_gradient(x0: torch.Tensor, direction: torch.Tensor, first_frame: int = 0) -> torch.Tensor:
+    """d dmd_loss / d x0 in closed form: the direction on grad frames, divided by their element count."""
+    mask = frame_mask(x0, first_frame)
+    return (direction * mask / (mask.sum() * x0[:, :, :1].numel())).to(x0.dtype)
+
+
+def real_x0(x0_cond: torch.Tensor, x0_uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """The teacher's CFG real score in x0 space: x0_cond + g (x0_cond - x0_uncond)."""
+    return x0_cond + guidance * (x0_cond - x0_uncond)
+
+
+def flow_loss(v_pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Flow-matching loss of the critic on generated samples: mean((v_pred - (e - x0))^2), fp32."""
+    return ((v_pred.float() - (noise.float() - x0.float())) ** 2).mean()
+
+
+def gan_generator_loss(
+    fake_logits: torch.Tensor, real_logits: torch.Tensor | None = None, kind: GanKind = "nonsaturating"
+) -> torch.Tensor:
+    """Non-saturating: mean softplus(-D(fake)). Relativistic: mean softplus(-(D(fake) - D(real)))."""
+    if kind == "nonsaturating":
+        return F.softplus(-fake_logits.float()).mean()
+    if real_logits is None:
+        raise ValueError("the relativistic GAN loss needs the real logits")
+    return F.softplus(-(fake_logits.float() - real_logits.float())).mean()
+
+
+def gan_discriminator_loss(
+    real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: GanKind = "nonsaturating"
+) -> torch.Tensor:
+    """Non-saturating: mean softplus(-D(real)) + softplus(D(fake)). Relativistic: softplus(-(D(real) - D(fake)))."""
+    real, fake = real_logits.float(), fake_logits.float()
+    if kind == "nonsaturating":
+        return (F.softplus(-real) + F.softplus(fake)).mean()
+    return F.softplus(-(real - fake)).mean()
+
+
+def finite_difference_penalty(
+    logits: LogitsFn, x: torch.Tensor, sigma: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Approximate R1 (on real x) or R2 (on fake x) without double backprop: mean (D(x + sigma e) - D(x))^2.
+    As in APT / One-Forcing the squared change is not divided by sigma^2: the weight absorbs the scale."""
+    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return ((logits(x + sigma * eps).float() - logits(x).float()) ** 2).mean()
+
+
+def gan_generator_gradient(
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    timestep: torch.Tensor,
+    logits: LogitsFn,
+    weight: float,
+    real_logits: torch.Tensor | None = None,
+    kind: GanKind = "nonsaturating",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d [weight * gan_generator_loss(D(noise(x0, t)))] / d x0, the unweighted loss).
+
+    `logits` must not accumulate parameter gradients (freeze the critic: see DESIGN §4 on ZeRO hooks).
+    """
+    sample = x0.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = gan_generator_loss(logits(add_noise(sample, noise, timestep)), real_logits, kind)
+        (grad,) = torch.autograd.grad(weight * loss, sample)
+    return grad, loss.detach()
