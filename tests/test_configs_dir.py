@@ -1,0 +1,20 @@
+"""Every shipped experiment config loads and validates."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_loads(path):
+    cfg = load_config(str(path))
+    assert cfg.name == path.stem
+    assert cfg.model.num_latent_frames % cfg.model.frames_per_block == 0
+
+
+def test_there_are_configs():
+    assert {"wan_1_3b_framewise.yaml", "wan_1_3b_chunkwise.yaml"} <= {p.name for p in CONFIGS}
