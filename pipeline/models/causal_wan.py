@@ -224,13 +224,24 @@ class CausalWanModel(WanTransformer3DModel):
         return _AttentionCall(token_block=token_block)
 
     def _rope(self, x: torch.Tensor, frame_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """diffusers' RoPE table for frames [frame_offset, frame_offset + F): build it for the longer
-        clip (shape only, on the meta device) and keep the trailing tokens."""
-        batch, channels, num_frames, height, width = x.shape
-        longer = torch.empty(batch, channels, frame_offset + num_frames, height, width, device="meta")
-        cos, sin = self.rope(longer)
-        skip = frame_offset // self.config.patch_size[0] * self.tokens_per_frame(height, width)
-        return cos[:, skip:], sin[:, skip:]
+        """diffusers' RoPE table (WanRotaryPosEmbed) for latent frames [frame_offset, frame_offset + F)."""
+        if frame_offset == 0:
+            return self.rope(x)
+        rope = self.rope
+        p_t, p_h, p_w = rope.patch_size
+        frames, height, width = x.shape[2] // p_t, x.shape[3] // p_h, x.shape[4] // p_w
+        start = frame_offset // p_t
+        sizes = [rope.t_dim, rope.h_dim, rope.w_dim]
+        tables = []
+        for table in (rope.freqs_cos, rope.freqs_sin):
+            f, h, w = table.split(sizes, dim=1)
+            grid = (
+                f[start : start + frames].view(frames, 1, 1, -1).expand(frames, height, width, -1),
+                h[:height].view(1, height, 1, -1).expand(frames, height, width, -1),
+                w[:width].view(1, 1, width, -1).expand(frames, height, width, -1),
+            )
+            tables.append(torch.cat(grid, dim=-1).reshape(1, frames * height * width, 1, -1))
+        return tables[0], tables[1]
 
     def _run(
         self,
@@ -243,7 +254,7 @@ class CausalWanModel(WanTransformer3DModel):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         batch, _, num_frames, height, width = x.shape
         p_t, p_h, p_w = self.config.patch_size
-        rotary_emb = self._rope(x, frame_offset) if frame_offset else self.rope(x)
+        rotary_emb = self._rope(x, frame_offset)
 
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
         if timestep.ndim == 2:  # per latent frame -> per token, diffusers' Wan2.2 per-token path
