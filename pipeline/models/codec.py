@@ -1,0 +1,166 @@
+"""Video codecs: pixels (B, 3, T, H, W) in [-1, 1] <-> latents (B, C, T', H', W').
+
+Two codecs share one small interface (`encode`, `decode`, `latent_shape`, and the factors below):
+- `PatchCodec`, the toy world's: an exact, parameter-free space-to-depth, so the toy measures the method
+  and not a learned autoencoder's errors;
+- `WanVAECodec`, diffusers' `AutoencoderKLWan` with the latent normalisation Wan's pipelines apply:
+  latents = (mode(posterior) - latents_mean) / latents_std on the way in, the inverse on the way out
+  (`WanPipeline.__call__` and `WanVideoToVideoPipeline.prepare_latents` in diffusers).
+`load_codec("patch:4")` or `load_codec("/path/to/vae")` picks one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+from torch import nn
+
+
+class Codec(Protocol):
+    """What the rest of the project relies on."""
+
+    latent_channels: int
+    spatial_factor: int
+    temporal_factor: int
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]: ...
+
+
+def _channel_stats(values: Sequence[float] | None, fill: float, patch_size: int) -> torch.Tensor:
+    """Per-latent-channel statistics (3*p*p,): given per RGB channel (3,) or per latent channel."""
+    channels = 3 * patch_size**2
+    if values is None:
+        return torch.full((channels,), fill)
+    stats = torch.as_tensor(values, dtype=torch.float32)
+    if stats.numel() == 3:
+        return stats.repeat_interleave(patch_size**2)  # latent channel c*p*p + i belongs to RGB channel c
+    if stats.numel() != channels:
+        raise ValueError(f"latent statistics need 3 or {channels} values, got {stats.numel()}")
+    return stats
+
+
+class PatchCodec(nn.Module):
+    """Exact space-to-depth: (B, 3, T, H, W) -> (B, 3*p*p, T, H/p, W/p), no parameters.
+
+    Latent channel c*p*p + dy*p + dx holds pixel (p*y + dy, p*x + dx) of RGB channel c. Optional fixed
+    statistics normalise the latents as Wan's do, (z - mean) / std; without them decode(encode(x)) == x
+    bit for bit, with them to float rounding.
+    """
+
+    temporal_factor = 1
+
+    def __init__(
+        self,
+        patch_size: int = 4,
+        latents_mean: Sequence[float] | None = None,
+        latents_std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+        self.patch_size = patch_size
+        self.spatial_factor = patch_size
+        self.latent_channels = 3 * patch_size**2
+        self.scaled = latents_mean is not None or latents_std is not None
+        # Buffers (not parameters) so .to(device) moves them; non-persistent so the state dict stays empty.
+        self.register_buffer("latents_mean", _channel_stats(latents_mean, 0.0, patch_size).view(1, -1, 1, 1, 1), False)
+        self.register_buffer("latents_std", _channel_stats(latents_std, 1.0, patch_size).view(1, -1, 1, 1, 1), False)
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"frame size {height}x{width} is not divisible by the patch size {p}")
+        return self.latent_channels, frames, height // p, width // p
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = video.shape
+        _, _, hp, wp = self.latent_shape(t, h, w)
+        p = self.patch_size
+        z = video.reshape(b, c, t, hp, p, wp, p).permute(0, 1, 4, 6, 2, 3, 5).reshape(b, c * p * p, t, hp, wp)
+        return (z - self.latents_mean) / self.latents_std if self.scaled else z
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.scaled:
+            latents = latents * self.latents_std + self.latents_mean
+        b, channels, t, hp, wp = latents.shape
+        p = self.patch_size
+        if channels != self.latent_channels:
+            raise ValueError(f"PatchCodec(patch_size={p}) decodes {self.latent_channels} channels, got {channels}")
+        x = latents.reshape(b, 3, p, p, t, hp, wp).permute(0, 1, 4, 5, 2, 6, 3)
+        return x.reshape(b, 3, t, hp * p, wp * p)
+
+
+class WanVAECodec(nn.Module):
+    """diffusers' `AutoencoderKLWan` with Wan's latent normalisation; T frames -> 1 + (T-1)/4 latents.
+
+    encode uses the posterior's mode (the pipelines' `sample_mode="argmax"`), so it is deterministic.
+    Both directions compute the normalisation in float32 and return float32; decode is clamped to
+    [-1, 1] by the VAE itself.
+    """
+
+    def __init__(self, vae: AutoencoderKLWan) -> None:
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        config = vae.config
+        self.latent_channels = config.z_dim
+        self.spatial_factor = config.scale_factor_spatial
+        self.temporal_factor = config.scale_factor_temporal
+        shape = (1, config.z_dim, 1, 1, 1)
+        self.register_buffer("latents_mean", torch.tensor(config.latents_mean, dtype=torch.float32).view(shape), False)
+        self.register_buffer("latents_std", torch.tensor(config.latents_std, dtype=torch.float32).view(shape), False)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> WanVAECodec:
+        """Load a VAE folder, or a Wan diffusers checkout (its vae/ subfolder)."""
+        path = Path(path)
+        if (path / "vae").is_dir():
+            path = path / "vae"
+        return cls(AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype))
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        s, k = self.spatial_factor, self.temporal_factor
+        if (frames - 1) % k or height % s or width % s:
+            raise ValueError(
+                f"the Wan VAE needs 1 + {k}n frames and sides divisible by {s}, got {frames}x{height}x{width}"
+            )
+        return self.latent_channels, 1 + (frames - 1) // k, height // s, width // s
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        self.latent_shape(*video.shape[2:])  # validates
+        posterior = self.vae.encode(video.to(self.vae.dtype)).latent_dist
+        return (posterior.mode().float() - self.latents_mean) / self.latents_std
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.float() * self.latents_std + self.latents_mean
+        return self.vae.decode(z.to(self.vae.dtype)).sample.float()
+
+
+def load_codec(spec: str, dtype: torch.dtype = torch.float32) -> PatchCodec | WanVAECodec:
+    """"patch:<p>" -> PatchCodec(p); a directory -> the Wan VAE saved there."""
+    if spec.startswith("patch:"):
+        size = spec.removeprefix("patch:")
+        if not size.isdigit():
+            raise ValueError(f"codec spec {spec!r}: expected 'patch:<int>', e.g. 'patch:4'")
+        return PatchCodec(int(size))
+    if Path(spec).is_dir():
+        return WanVAECodec.from_pretrained(spec, dtype)
+    raise ValueError(f"codec spec {spec!r} is neither 'patch:<int>' nor an existing directory holding a Wan VAE")
+
+
+def clips_to_video(clips: np.ndarray) -> torch.Tensor:
+    """Toy-world clips (B, T, H, W, 3) in [0, 1] -> codec input (B, 3, T, H, W) in [-1, 1], float32."""
+    return torch.from_numpy(np.asarray(clips, np.float32)).permute(0, 4, 1, 2, 3).mul(2).sub(1).contiguous()
+
+
+def video_to_clips(video: torch.Tensor) -> np.ndarray:
+    """Codec output (B, 3, T, H, W) in [-1, 1] -> clips (B, T, H, W, 3) in [0, 1], clamped, float32."""
+    return video.detach().float().add(1).div(2).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().numpy()

@@ -1,0 +1,253 @@
+"""The toy world: grammar, renderer, and a grader checked in both directions (right clips pass, broken
+clips fail for the right reason)."""
+
+import numpy as np
+import pytest
+from scipy import linalg, ndimage
+
+from pipeline import toyworld as tw
+
+SINGLE = tw.all_prompts(1)
+PAIRS = [p for p in tw.all_prompts(2) if " and " in p]
+CONFIG = tw.WorldConfig()
+
+
+def _render_all(prompts, seeds=(0, 1)):
+    return [(p, tw.render(p, s)) for p in prompts for s in seeds]
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    """Every single-object prompt (all colours, shapes, directions, speeds) x 2 seeds, plus a spread of
+    two-object prompts."""
+    return _render_all(SINGLE) + _render_all(PAIRS[::48])
+
+
+def _mean(scores, field):
+    return float(np.mean([getattr(s, field) for s in scores]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grammar
+
+
+def test_parse_format_round_trip_over_all_prompts():
+    prompts = tw.all_prompts(2)
+    assert len(prompts) == len(set(prompts)) == 96 + 6 * 12 * 12 * 2
+    for prompt in prompts:
+        assert tw.format_prompt(tw.parse_prompt(prompt)) == prompt
+
+
+def test_parse_example_and_forgiven_spelling():
+    scene = tw.parse_prompt("  A Red square moving left  and a blue circle moving up, SLOW. ")
+    assert scene == tw.Scene((tw.ObjectSpec("red", "square", "left"), tw.ObjectSpec("blue", "circle", "up")), "slow")
+
+
+@pytest.mark.parametrize(
+    "text, word",
+    [
+        ("a purple square moving left, fast", "purple"),
+        ("a red hexagon moving left, fast", "hexagon"),
+        ("a red square moving sideways, fast", "sideways"),
+        ("a red square moving left, medium", "medium"),
+        ("a red square moving left", "speed"),
+        ("a red square moving left and a red circle moving up, slow", "repeats a colour"),
+        ("red square left, fast", "expected 'a <colour> <shape> moving <direction>'"),
+    ],
+)
+def test_parse_names_the_bad_word(text, word):
+    with pytest.raises(ValueError, match=word) as info:
+        tw.parse_prompt(text)
+    assert "\n" not in str(info.value)
+
+
+def test_vocabulary_covers_every_prompt_word():
+    vocab = set(tw.vocabulary())
+    words = {w for p in tw.all_prompts(2) for w in p.replace(",", " , ").split()}
+    assert words == vocab
+
+
+def test_sample_prompt_is_seeded_and_valid():
+    def draw(seed: int) -> list[str]:
+        rng = np.random.default_rng(seed)
+        return [tw.sample_prompt(rng, max_objects=2) for _ in range(200)]
+
+    prompts = draw(1)
+    assert prompts == draw(1) and prompts != draw(2)
+    assert all(tw.format_prompt(tw.parse_prompt(p)) == p for p in prompts)
+    assert {len(tw.parse_prompt(p).objects) for p in prompts} == {1, 2}
+    assert len(set(prompts)) > 100
+
+
+# ----------------------------------------------------------------------------------------------------
+# Renderer
+
+
+def test_render_is_deterministic_per_prompt_and_seed():
+    clip = tw.render(SINGLE[5], seed=7)
+    assert clip.shape == (9, 32, 32, 3) and clip.dtype == np.float32
+    assert clip.min() >= 0 and clip.max() <= 1
+    assert np.array_equal(clip, tw.render(SINGLE[5], seed=7))
+    assert not np.array_equal(clip, tw.render(SINGLE[5], seed=8))
+    assert not np.array_equal(tw.render(PAIRS[0], 0), tw.render(PAIRS[0], 1))
+
+
+def test_objects_stay_inside_the_frame_with_a_background_border(rendered):
+    background = np.asarray(CONFIG.background, np.float32)
+    for _, clip in rendered:
+        border = np.concatenate([clip[:, 0], clip[:, -1], clip[:, :, 0], clip[:, :, -1]], axis=1)
+        assert np.array_equal(border, np.broadcast_to(background, border.shape))
+
+
+def test_motion_is_exact_whole_pixels():
+    clip = tw.render("a green triangle moving down, fast", seed=0)
+    assert np.array_equal(clip[1, 2:], clip[0, :-2])  # frame 1 is frame 0 moved down 2 px
+
+
+def test_edges_are_antialiased():
+    clip = tw.render("a blue circle moving left, slow", seed=0)
+    blend = (clip - np.asarray(CONFIG.background)) / (np.asarray(tw.PALETTE["blue"]) - np.asarray(CONFIG.background))
+    coverage = np.round(blend[..., 2], 4)
+    rim = ((coverage > 0.01) & (coverage < 0.99)).sum(axis=(1, 2))
+    assert rim.min() == rim.max() >= 16  # the same soft rim in every frame
+
+
+def test_config_rejects_a_world_that_does_not_fit():
+    with pytest.raises(ValueError, match="lower frames"):
+        tw.WorldConfig(frames=17)
+    with pytest.raises(ValueError, match="slow_speed"):
+        tw.WorldConfig(slow_speed=2, fast_speed=2)
+
+
+def test_two_fast_objects_crossing_paths_can_be_placed():
+    # Few valid placements exist for this one; enumeration (not rejection sampling) always finds one.
+    clips = [tw.render("a red square moving left and a green square moving down, fast", s) for s in range(5)]
+    assert len({c.tobytes() for c in clips}) > 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grader on ground truth
+
+
+def test_measured_fill_ratios_sit_clear_of_the_shape_cuts(rendered):
+    fills = {shape: [] for shape in tw.SHAPES}
+    for _, clip in rendered:
+        for obj in tw.detect_objects(clip):
+            fills[obj.shape].append(obj.fill_ratio)
+    # Exact-geometry values: a square fills its box, the circle ~pi/4 (0.79 with the soft box), the
+    # triangle 0.585 (not 1/2: the soft box edges credit the thin apex row by its coverage only).
+    assert np.allclose(fills["square"], 1.0, atol=1e-3)
+    assert np.allclose(fills["circle"], 0.790, atol=5e-3)
+    assert np.allclose(fills["triangle"], 0.585, atol=5e-3)
+    (low, _), (high, _), _ = tw.SHAPE_CUTS
+    assert 0.585 + 0.08 < low < 0.790 - 0.08 and 0.790 + 0.08 < high < 1.0 - 0.08
+
+
+def test_ground_truth_clips_grade_perfectly(rendered):
+    scores = [tw.grade_clip(clip, prompt) for prompt, clip in rendered]
+    for field in ("count_ok", "colour_ok", "shape_ok", "direction_ok", "speed_ok", "adherence"):
+        assert _mean(scores, field) >= 0.99, field
+    assert all(0.9 <= s.sharpness <= 1.1 for s in scores)
+    assert _mean(scores, "temporal") >= 0.99
+
+
+def test_slightly_noisy_clips_still_grade_fairly():
+    rng = np.random.default_rng(0)
+    noisy = [(p, np.clip(c + rng.normal(0, 0.03, c.shape), 0, 1)) for p, c in _render_all(SINGLE, (0,))]
+    scores = [tw.grade_clip(clip, prompt) for prompt, clip in noisy]
+    assert _mean(scores, "adherence") >= 0.99
+    assert 0.95 <= _mean(scores, "sharpness") <= 1.05  # noise is measured off the background, not counted
+    assert _mean(scores, "temporal") >= 0.95
+
+
+def test_stray_speckles_do_not_add_objects():
+    clip = tw.render("a yellow circle moving right, fast", seed=2).copy()
+    rng = np.random.default_rng(0)
+    for f in range(len(clip)):
+        rows, cols = rng.integers(0, 32, 6), rng.integers(0, 32, 6)
+        clip[f, rows, cols] = tw.PALETTE["blue"]
+    score = tw.grade_clip(clip, "a yellow circle moving right, fast")
+    assert score.adherence and [o.colour for o in score.objects] == ["yellow"]
+
+
+def test_two_objects_are_matched_in_either_order():
+    clip = tw.render("a red square moving left and a blue circle moving up, slow", seed=0)
+    assert tw.grade_clip(clip, "a blue circle moving up and a red square moving left, slow").adherence
+    swapped = tw.grade_clip(clip, "a blue square moving up and a red circle moving left, slow")
+    assert swapped.colour_ok and swapped.direction_ok and not swapped.shape_ok and not swapped.adherence
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grader on broken clips
+
+
+def test_a_clip_of_another_prompt_gets_zero_adherence():
+    # Neighbours in the list differ in speed only; a step of 2 changes the direction; 8 the shape.
+    for step, broken in ((1, "speed_ok"), (2, "direction_ok"), (8, "shape_ok"), (24, "colour_ok")):
+        scores = [tw.grade_clip(tw.render(SINGLE[(i + step) % 96], 0), SINGLE[i]) for i in range(0, 96, 5)]
+        assert _mean(scores, "adherence") == 0.0
+        assert _mean(scores, broken) <= 0.3, broken
+
+
+def test_a_wrong_colour_is_only_a_colour_mistake():
+    score = tw.grade_clip(tw.render("a red square moving left, fast", 0), "a blue square moving left, fast")
+    assert (score.colour_ok, score.shape_ok, score.direction_ok, score.speed_ok) == (False, True, True, True)
+    assert not score.adherence
+
+
+def test_blur_lowers_sharpness_but_not_adherence():
+    clips = _render_all(SINGLE, (0,))
+    for sigma, most in ((0.5, 0.75), (1.0, 0.4)):
+        scores = [tw.grade_clip(ndimage.gaussian_filter(c, (0, sigma, sigma, 0)), p) for p, c in clips]
+        assert max(s.sharpness for s in scores) < most
+    assert _mean(scores, "colour_ok") == 1.0 and _mean(scores, "direction_ok") == 1.0
+
+
+def test_shuffled_frames_break_direction_and_temporal_consistency():
+    rng = np.random.default_rng(0)
+    scores = [tw.grade_clip(c[rng.permutation(len(c))], p) for p, c in _render_all(SINGLE, (0,))]
+    assert _mean(scores, "direction_ok") < 0.7
+    assert _mean(scores, "motion_smoothness") < 0.3
+    assert _mean(scores, "temporal") < 0.8
+    assert _mean(scores, "shape_ok") == 1.0  # what a frame shows is untouched
+
+
+def test_an_empty_clip_scores_nothing():
+    empty = np.broadcast_to(np.asarray(CONFIG.background, np.float32), (9, 32, 32, 3))
+    score = tw.grade_clip(empty, SINGLE[0])
+    assert score.objects == () and not score.adherence and score.temporal == 0.0 and score.sharpness == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fréchet distance and aggregation
+
+
+def test_frechet_distance_matches_the_sqrtm_formula():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 4)), rng.normal(size=(200, 4)) @ rng.normal(size=(4, 4)) + 0.5
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    cross = np.trace(linalg.sqrtm(cov_a @ cov_b).real)
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b) - 2 * cross
+    assert tw.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert tw.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_separates_rendered_from_blurred_and_noisy():
+    rng = np.random.default_rng(0)
+    features = lambda clips: np.stack([tw.clip_features(c) for c in clips])
+    first = [tw.render(p, 0) for p in SINGLE]
+    second = [tw.render(p, 1) for p in SINGLE]
+    same = tw.frechet_distance(features(first), features(second))
+    blur = [ndimage.gaussian_filter(c, (0, 1, 1, 0)) for c in second]
+    blurred = tw.frechet_distance(features(first), features(blur))
+    noise = tw.frechet_distance(features(first), features([rng.uniform(0, 1, c.shape) for c in second]))
+    assert same < 0.05 and blurred > 20 * same and noise > 1000 * same
+
+
+def test_grade_clips_averages_and_adds_frechet():
+    prompts = SINGLE[::8]
+    result = tw.grade_clips([tw.render(p, 3) for p in prompts], prompts)
+    assert result["adherence"] == 1.0 and result["sharpness"] == pytest.approx(1.0)
+    assert 0.0 <= result["frechet"] < 0.05
+    with pytest.raises(ValueError, match="clips but"):
+        tw.grade_clips([tw.render(prompts[0], 0)], prompts)
