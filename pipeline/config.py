@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.toyworld import WorldConfig
+
 
 class ConfigError(ValueError):
     """A bad config value; the message names the dotted key."""
@@ -164,10 +166,42 @@ class RayConfig:
 
 @dataclass
 class TrackingConfig:
-    tracking_uri: str = ""  # empty = ./mlruns
+    tracking_uri: str = ""  # empty = sqlite:///./mlflow.db; "none" = no tracking
     experiment: str = "oneforce"
     run_name: str = ""
     sample_every: int = 50
+
+
+@dataclass
+class PretrainConfig:
+    """Flow-matching pretraining of the toy teacher (jobs/pretrain_teacher.py). Uses model.teacher_arch,
+    model.codec, model.text_encoder_path and the `world` section."""
+
+    output: str = "runs/toy_teacher"
+    steps: int = 10000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    cfg_dropout: float = 0.1  # share of captions replaced by the empty prompt
+    timestep_shift: float = 3.0  # u ~ U[0, 1) -> shift(u): more steps at high noise, where layout is decided
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    log_every: int = 50
+    eval_every: int = 2000
+    eval_prompts: int = 48
+    sample_steps: int = 25
+    sample_shift: float = 3.0
+    guidance: float = 4.0
+    seed: int = 0
+    threads: int = 0  # torch threads; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch_size", "lr", "checkpoint_every", "log_every", "eval_every",
+                  "eval_prompts", "sample_steps")
+        if not 0 <= self.cfg_dropout < 1:
+            raise ConfigError(f"pretrain.cfg_dropout must lie in [0, 1), got {self.cfg_dropout}")
 
 
 @dataclass
@@ -179,6 +213,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def __post_init__(self) -> None:
         if self.method.gradient_num_blocks > self.model.num_blocks:
@@ -246,6 +282,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: {value!r} does not match {hint}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(arg, v, f"{key}[{i}]") for i, (arg, v) in enumerate(zip(args, value)))
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -287,4 +327,5 @@ def _positive(section: Any, *names: str) -> None:
 _SECTION_NAMES = {
     "ModelConfig": "model", "MethodConfig": "method", "DiscriminatorConfig": "method.discriminator",
     "TrainConfig": "train", "RayConfig": "ray", "TrackingConfig": "tracking", "DataConfig": "data",
+    "PretrainConfig": "pretrain",
 }

@@ -11,6 +11,8 @@ Two codecs share one small interface (`encode`, `decode`, `latent_shape`, and th
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -74,6 +76,16 @@ class PatchCodec(nn.Module):
         # Buffers (not parameters) so .to(device) moves them; non-persistent so the state dict stays empty.
         self.register_buffer("latents_mean", _channel_stats(latents_mean, 0.0, patch_size).view(1, -1, 1, 1, 1), False)
         self.register_buffer("latents_std", _channel_stats(latents_std, 1.0, patch_size).view(1, -1, 1, 1, 1), False)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write `codec.json` (patch size and statistics) so `load_codec(path)` rebuilds this codec."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        spec = {"type": "patch", "patch_size": self.patch_size}
+        if self.scaled:
+            spec["latents_mean"] = self.latents_mean.flatten().tolist()
+            spec["latents_std"] = self.latents_std.flatten().tolist()
+        (path / "codec.json").write_text(json.dumps(spec, indent=1))
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         p = self.patch_size
@@ -151,6 +163,9 @@ def load_codec(spec: str, dtype: torch.dtype = torch.float32) -> PatchCodec | Wa
         if not size.isdigit():
             raise ValueError(f"codec spec {spec!r}: expected 'patch:<int>', e.g. 'patch:4'")
         return PatchCodec(int(size))
+    if (Path(spec) / "codec.json").is_file():
+        saved = json.loads((Path(spec) / "codec.json").read_text())
+        return PatchCodec(saved["patch_size"], saved.get("latents_mean"), saved.get("latents_std"))
     if Path(spec).is_dir():
         return WanVAECodec.from_pretrained(spec, dtype)
     raise ValueError(f"codec spec {spec!r} is neither 'patch:<int>' nor an existing directory holding a Wan VAE")
