@@ -17,7 +17,7 @@ def parse(description: str, argv: list[str] | None = None, extra: Callable[[argp
     if extra:
         extra(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-6")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may sit before, between or after options
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, OSError) as err:

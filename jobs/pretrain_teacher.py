@@ -117,10 +117,11 @@ def main(cfg: Config, args: argparse.Namespace) -> None:
                 tracker.log_metrics({"loss": mean, "lr": schedule.get_last_lr()[0]}, step=done)
             if done % pc.eval_every == 0 and done < pc.steps:
                 tracker.log_metrics({f"eval/{k}": v for k, v in grade_bundle(bundle(ema), pc.eval_prompts).items()}, done)
-            if done % pc.checkpoint_every == 0 or done == pc.steps or time.time() > deadline:
+            stop = time.time() > deadline or done == args.stop_at_step
+            if done % pc.checkpoint_every == 0 or done == pc.steps or stop:
                 save_checkpoint(done)
-            if time.time() > deadline:
-                print(f"stopping at step {done} (--max-minutes {args.max_minutes}); rerun to continue")
+            if stop:
+                print(f"stopping at step {done} (--max-minutes / --stop-at-step); rerun to continue")
                 tracker.close()
                 return
 
@@ -136,6 +137,7 @@ def main(cfg: Config, args: argparse.Namespace) -> None:
 
 def extra_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float, default=0, help="checkpoint and stop after this long")
+    parser.add_argument("--stop-at-step", type=int, default=0, help="checkpoint and stop at this step")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,12 @@ WAN_CONFIGS: dict[str, dict[str, Any]] = {
         text_dim=32, freq_dim=64, ffn_dim=512, num_layers=4, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=1e-6,
     ),
+    # The toy's geometry at test size (~40K parameters): job tests.
+    "toy-debug": dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=48, out_channels=48,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6,
+    ),
     # ~24K parameters: unit tests.
     "tiny": dict(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
