@@ -48,14 +48,6 @@ class KVCache:
     def empty(cls, num_layers: int) -> KVCache:
         return cls(self_kv=[None] * num_layers, text_kv=[None] * num_layers)
 
-    def crop(self, max_frames: int, tokens_per_frame: int) -> None:
-        """Keep only the last `max_frames` cached frames (sliding-window generation of long clips)."""
-        if self.num_frames <= max_frames:
-            return
-        keep = max_frames * tokens_per_frame
-        self.self_kv = [None if kv is None else (kv[0][:, -keep:], kv[1][:, -keep:]) for kv in self.self_kv]
-        self.num_frames = max_frames
-
 
 @dataclass
 class _AttentionCall:
