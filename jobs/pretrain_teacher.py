@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from jobs.cli import run_main
-from pipeline.checkpoint import TrainState, atomic_save, replace_directory
+from pipeline.checkpoint import TrainState, atomic_save, replace_directory, save_state_json
 from pipeline.config import Config
 from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.text import TextEncoder
@@ -85,11 +85,13 @@ def main(cfg: Config, args: argparse.Namespace) -> None:
         return ToyBundle(net, text_encoder, codec, cfg.world, sampler)
 
     def save_checkpoint(step: int) -> None:
+        train_state = TrainState.capture(step)
         atomic_save({
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "schedule": schedule.state_dict(), "generator": generator.get_state(),
-            "state": TrainState.capture(step).__dict__,
+            "state": train_state.__dict__,
         }, checkpoint)
+        save_state_json(train_state, out / "state.json")  # human-readable progress beside the weights
 
     tracker = open_tracker(cfg.tracking, str(out), cfg.to_dict(), run_name=f"pretrain_teacher:{cfg.name}")
     started, deadline = time.time(), (time.time() + 60 * args.max_minutes if args.max_minutes else math.inf)

@@ -7,6 +7,7 @@ import torch
 
 from jobs.cli import parse
 from jobs.pretrain_teacher import extra_args, main
+from pipeline.checkpoint import load_state_json
 from pipeline.pretrain import ToyBundle
 
 SMALL = ["model.teacher_arch=toy-debug", "pretrain.batch_size=4", "pretrain.log_every=5", "pretrain.lr=3e-3",
@@ -51,6 +52,7 @@ def test_resume_continues_exactly(tmp_path):
     run(tmp_path / "straight", 20, "tracking.tracking_uri=none")
     run(tmp_path / "split", 20, "tracking.tracking_uri=none", "--stop-at-step", "10")  # as if killed at 10
     assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["state"]["step"] == 10
+    assert load_state_json(tmp_path / "split" / "state.json").step == 10
     run(tmp_path / "split", 20, "tracking.tracking_uri=none")
     straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
     split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
