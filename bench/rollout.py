@@ -37,16 +37,6 @@ def recompute_without_cache(model: CausalWanModel, noise: torch.Tensor, text: to
     return torch.cat(clean, dim=2)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median time of each function, run round-robin so drifts in machine load hit all alike."""
     for fn in fns.values():

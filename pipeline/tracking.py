@@ -49,10 +49,6 @@ class MLflowTracker:
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(self.run.info.run_id)
 
-    @property
-    def run_id(self) -> str:
-        return self.run.info.run_id
-
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
