@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +23,15 @@ import torch
 class TrainState:
     step: int = 0
     torch_rng: str = ""  # base64 of torch.get_rng_state()
-    numpy_rng: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def capture(cls, step: int, numpy_rng: np.random.Generator | None = None, **extra: Any) -> TrainState:
-        return cls(
-            step=step,
-            torch_rng=base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-            numpy_rng=numpy_rng.bit_generator.state if numpy_rng is not None else {},
-            extra=extra,
-        )
+    def capture(cls, step: int) -> TrainState:
+        return cls(step=step, torch_rng=base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode())
 
-    def restore_rng(self, numpy_rng: np.random.Generator | None = None) -> None:
+    def restore_rng(self) -> None:
         if self.torch_rng:
             raw = np.frombuffer(base64.b64decode(self.torch_rng), dtype=np.uint8).copy()
             torch.set_rng_state(torch.from_numpy(raw))
-        if numpy_rng is not None and self.numpy_rng:
-            numpy_rng.bit_generator.state = self.numpy_rng
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
