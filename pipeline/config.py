@@ -124,7 +124,12 @@ class DataConfig:
     max_prompt_chars: int = 2000
     teacher_steps: int = 50
     teacher_guidance: float = 5.0
-    trajectory_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    trajectory_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])  # warped like method's steps
+    shard_rows: int = 256  # rows per Parquet shard: a killed run loses at most the shards in flight
+    batch_rows: int = 4  # rows per actor call
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_prompt_chars", "teacher_steps", "shard_rows", "batch_rows")
 
 
 @dataclass
@@ -158,10 +163,12 @@ class RayConfig:
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
     teacher_actors: int = 1
     teacher_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    encoder_actors: int = 1  # text-encoder (and VAE-encoder) actor pool size, for preprocessing
+    encoder_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
     critic_placement: Literal["trainer", "actors"] = "trainer"
 
     def __post_init__(self) -> None:
-        _positive(self, "num_workers", "teacher_actors")
+        _positive(self, "num_workers", "teacher_actors", "encoder_actors")
 
 
 @dataclass

@@ -74,6 +74,12 @@ def sampling_timesteps(num_steps: int, shift: float) -> list[float]:
     return [float(1000.0 * shift_noise_level(s, shift)) for s in grid]
 
 
+def schedule_through(timesteps: Sequence[float], through: Sequence[float]) -> list[float]:
+    """`timesteps` (decreasing) with the points `through` inserted, so an ODE solve lands exactly on
+    them (the trajectory states ODE-regression init trains on)."""
+    return sorted({float(t) for t in timesteps} | {float(t) for t in through}, reverse=True)
+
+
 def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """uncond + scale (cond - uncond). Wan's sampler uses scale = guide_scale (5.0); the DMD real score
     `x0_cond + g (x0_cond - x0_uncond)` is this with scale = 1 + g."""

@@ -92,11 +92,36 @@ def test_render_is_deterministic_per_prompt_and_seed():
     assert not np.array_equal(tw.render(PAIRS[0], 0), tw.render(PAIRS[0], 1))
 
 
-def test_objects_stay_inside_the_frame_with_a_background_border(rendered):
-    background = np.asarray(CONFIG.background, np.float32)
-    for _, clip in rendered:
+def test_objects_stay_inside_the_frame_with_a_background_border():
+    # Without trails the border is pure background; trails may run off the frame.
+    config = tw.WorldConfig(trail_frames=0)
+    background = np.asarray(config.background, np.float32)
+    for prompt in SINGLE + PAIRS[::48]:
+        clip = tw.render(prompt, 0, config)
         border = np.concatenate([clip[:, 0], clip[:, -1], clip[:, :, 0], clip[:, :, -1]], axis=1)
         assert np.array_equal(border, np.broadcast_to(background, border.shape))
+
+
+def _coverage(clip, colour, config=CONFIG):
+    """Per-pixel blend weight of `colour` over the background (frames, H, W)."""
+    bg, c = np.asarray(config.background), np.asarray(tw.PALETTE[colour])
+    return ((clip - bg) @ (c - bg)) / ((c - bg) @ (c - bg))
+
+
+def test_the_trail_fades_behind_the_object_and_stays_below_the_foreground_threshold():
+    clip = tw.render("a red square moving right, fast", seed=3)
+    plain = tw.render("a red square moving right, fast", seed=3, config=tw.WorldConfig(trail_frames=0))
+    cover, bare = _coverage(clip, "red"), _coverage(plain, "red")
+    trail = np.round(cover - bare, 5)
+    assert (trail >= 0).all() and trail.max() <= CONFIG.trail_alpha + 1e-5 < tw.FOREGROUND_ALPHA
+    # Frame 4: the object's box spans columns [left, left + 10); the trail is on its left only, fading.
+    cols = np.flatnonzero(bare[4].max(0) > 0.99)
+    left, right = cols[0], cols[-1]
+    row = trail[4][bare[4][:, left] > 0.99][0]
+    length = CONFIG.trail_frames * CONFIG.fast_speed
+    assert row[right + 1 :].max() == 0 and row[left - length : left].tolist() == sorted(row[left - length : left])
+    assert row[left - 1] == pytest.approx(CONFIG.trail_alpha * length / (length + 1), abs=1e-4)
+    assert row[: left - length].max() == 0
 
 
 def test_motion_is_exact_whole_pixels():
@@ -129,18 +154,31 @@ def test_two_fast_objects_crossing_paths_can_be_placed():
 # Grader on ground truth
 
 
-def test_measured_fill_ratios_sit_clear_of_the_shape_cuts(rendered):
-    fills = {shape: [] for shape in tw.SHAPES}
-    for _, clip in rendered:
+def test_template_matches_pick_the_rendered_shape_by_a_clear_margin(rendered):
+    for prompt, clip in rendered:
+        truth = {o.colour: o.shape for o in tw.parse_prompt(prompt).objects}
         for obj in tw.detect_objects(clip):
-            fills[obj.shape].append(obj.fill_ratio)
-    # Exact-geometry values: a square fills its box, the circle ~pi/4 (0.79 with the soft box), the
-    # triangle 0.585 (not 1/2: the soft box edges credit the thin apex row by its coverage only).
-    assert np.allclose(fills["square"], 1.0, atol=1e-3)
-    assert np.allclose(fills["circle"], 0.790, atol=5e-3)
-    assert np.allclose(fills["triangle"], 0.585, atol=5e-3)
-    (low, _), (high, _), _ = tw.SHAPE_CUTS
-    assert 0.585 + 0.08 < low < 0.790 - 0.08 and 0.790 + 0.08 < high < 1.0 - 0.08
+            scores = dict(zip(tw.SHAPES, obj.shape_scores))
+            best = scores.pop(truth[obj.colour])
+            # Measured: squares >= 0.98, circles >= 0.92, triangles >= 0.82 (the rim next to a sloped edge
+            # takes in some trail); the runner-up is always at least 0.09 behind.
+            assert best >= 0.8 and best - max(scores.values()) >= 0.08, (prompt, obj.shape_scores)
+
+
+@pytest.mark.parametrize("shape", tw.SHAPES)
+def test_one_pixel_streaks_on_the_edges_do_not_change_the_shape(shape):
+    # The failure that misled the first teacher's grade: a generator's thin streaks along two edges
+    # widen the bounding box a pixel each way, which a fill ratio reads as the next rounder shape.
+    config = tw.WorldConfig(object_size=12)
+    clip = tw.render(f"a red {shape} moving down, slow", seed=0, config=config).copy()
+    cover = _coverage(clip, "red", config)
+    for f in range(len(clip)):
+        rows, cols = np.nonzero(cover[f] > 0.5)
+        top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
+        clip[f, top + 3 : bottom - 2, right + 1] = tw.PALETTE["red"]  # a 1-px streak on the right edge
+        clip[f, bottom + 1, left + 4 : right - 3] = tw.PALETTE["red"]  # and one under the bottom edge
+    (obj,) = tw.detect_objects(clip, config)
+    assert obj.shape == shape, obj.shape_scores
 
 
 def test_ground_truth_clips_grade_perfectly(rendered):
@@ -183,10 +221,15 @@ def test_two_objects_are_matched_in_either_order():
 
 def test_a_clip_of_another_prompt_gets_zero_adherence():
     # Neighbours in the list differ in speed only; a step of 2 changes the direction; 8 the shape.
-    for step, broken in ((1, "speed_ok"), (2, "direction_ok"), (8, "shape_ok"), (24, "colour_ok")):
+    for step, broken in ((2, "direction_ok"), (8, "shape_ok"), (24, "colour_ok")):
         scores = [tw.grade_clip(tw.render(SINGLE[(i + step) % 96], 0), SINGLE[i]) for i in range(0, 96, 5)]
         assert _mean(scores, "adherence") == 0.0
         assert _mean(scores, broken) <= 0.3, broken
+
+
+def test_a_wrong_speed_is_graded_but_not_part_of_adherence():
+    scores = [tw.grade_clip(tw.render(SINGLE[i + 1], 0), SINGLE[i]) for i in range(0, 96, 6)]
+    assert _mean(scores, "speed_ok") == 0.0 and _mean(scores, "adherence") == 1.0
 
 
 def test_a_wrong_colour_is_only_a_colour_mistake():
@@ -247,7 +290,8 @@ def test_frechet_separates_rendered_from_blurred_and_noisy():
 def test_grade_clips_averages_and_adds_frechet():
     prompts = SINGLE[::8]
     result = tw.grade_clips([tw.render(p, 3) for p in prompts], prompts)
-    assert result["adherence"] == 1.0 and result["sharpness"] == pytest.approx(1.0)
+    # Sharpness is within 1% of 1, not exactly 1: a trail cut off by the border has less edge energy.
+    assert result["adherence"] == 1.0 and result["sharpness"] == pytest.approx(1.0, abs=0.01)
     assert 0.0 <= result["frechet"] < 0.05
     with pytest.raises(ValueError, match="clips but"):
         tw.grade_clips([tw.render(prompts[0], 0)], prompts)
