@@ -25,7 +25,7 @@ from pipeline.flow import add_noise, warp_timesteps, x0_from_velocity
 class CausalStudent(Protocol):
     """What the rollout needs of a model; `CausalWanModel` implements it."""
 
-    def new_kv_cache(self): ...
+    def new_kv_cache(self, window_frames: int | None = None): ...
 
     def __call__(self, hidden_states, timestep, encoder_hidden_states, *, kv_cache, update_cache=False): ...
 
@@ -74,18 +74,20 @@ def iter_blocks(
     gradient_num_blocks: int = 0,
     context_noise: float = 0.0,
     generator: torch.Generator | None = None,
+    cache_window: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield each block's clean x0 (B, C, frames_per_block, H, W) as soon as it is produced.
 
     `noise` (B, C, F, H, W) holds the starting noise of every block; `exit_steps[b]` is the index in
     block b's step list whose prediction is kept (default: the last step); `generator` drives the
-    re-noising between steps.
+    re-noising between steps. `cache_window` keeps only that many latent frames of context (sliding
+    window, for clips longer than training); positions stay absolute.
     """
     num_blocks = len(steps_per_block)
     if noise.shape[2] != num_blocks * frames_per_block:
         raise ValueError(f"noise has {noise.shape[2]} frames, expected {num_blocks} blocks x {frames_per_block}")
     batch = noise.shape[0]
-    cache = student.new_kv_cache()
+    cache = student.new_kv_cache(cache_window)
     for block, steps in enumerate(steps_per_block):
         exit_index = len(steps) - 1 if exit_steps is None else exit_steps[block]
         with_grad = block >= num_blocks - gradient_num_blocks

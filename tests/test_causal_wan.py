@@ -53,6 +53,29 @@ def test_cached_blocks_equal_block_causal_full_forward(frames_per_block, per_fra
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("frames_per_block, window", [(1, 2), (2, 2), (1, 6)])
+def test_sliding_window_cache_equals_the_windowed_block_causal_forward(frames_per_block, window):
+    # Reference: one full forward whose mask lets each block see only the `window` frames before it.
+    model = tiny_wan()
+    x, t, text = inputs()
+    cache, outs = model.new_kv_cache(window_frames=window), []
+    for start in range(0, 6, frames_per_block):
+        block = slice(start, start + frames_per_block)
+        outs.append(model(x[:, :, block], t, text, kv_cache=cache).sample)
+        model(x[:, :, block], t, text, kv_cache=cache, update_cache=True)
+        assert cache.cached_frames == min(start + frames_per_block, window)
+        assert cache.self_kv[0][0].shape[1] == cache.cached_frames * model.tokens_per_frame(8, 8)
+    windowed = model(x, t, text, frames_per_block=frames_per_block, window_frames=window).sample
+    assert (torch.cat(outs, 2) - windowed).abs().max() <= TOL
+    assert cache.num_frames == 6  # positions keep counting while old frames leave
+    full = model(x, t, text, frames_per_block=frames_per_block).sample
+    if window < 6:  # a window really drops context
+        assert (full - windowed).abs().max() > 1e-3
+    else:
+        assert (full - windowed).abs().max() <= TOL
+
+
+@torch.no_grad()
 def test_block_causal_mask_hides_later_blocks_only():
     model = tiny_wan()
     x, t, text = inputs()

@@ -44,8 +44,8 @@ class CountingModel(torch.nn.Module):
         super().__init__()
         self.model, self.calls = model, 0
 
-    def new_kv_cache(self):
-        return self.model.new_kv_cache()
+    def new_kv_cache(self, window_frames=None):
+        return self.model.new_kv_cache(window_frames)
 
     def forward(self, *args, **kwargs):
         self.calls += 1

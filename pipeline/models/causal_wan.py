@@ -42,11 +42,20 @@ class KVCache:
 
     self_kv: list[tuple[torch.Tensor, torch.Tensor] | None]
     text_kv: list[tuple[torch.Tensor, torch.Tensor] | None]
-    num_frames: int = 0  # latent frames (before temporal patching) held in the cache
+    # Latent frames written so far: the absolute position (RoPE offset) of the next block. With a window
+    # it keeps counting while old frames leave the cache, so positions never shift.
+    num_frames: int = 0
+    window_frames: int | None = None  # keep at most this many latent frames (sliding window); None = all
 
     @classmethod
-    def empty(cls, num_layers: int) -> KVCache:
-        return cls(self_kv=[None] * num_layers, text_kv=[None] * num_layers)
+    def empty(cls, num_layers: int, window_frames: int | None = None) -> KVCache:
+        if window_frames is not None and window_frames < 1:
+            raise ValueError(f"window_frames must be >= 1, got {window_frames}")
+        return cls(self_kv=[None] * num_layers, text_kv=[None] * num_layers, window_frames=window_frames)
+
+    @property
+    def cached_frames(self) -> int:
+        return self.num_frames if self.window_frames is None else min(self.num_frames, self.window_frames)
 
 
 @dataclass
@@ -54,6 +63,8 @@ class _AttentionCall:
     """What the processors of one forward need beyond their inputs; captured per call."""
 
     token_block: torch.Tensor | None = None  # (L,) block index of each token, for the block-causal mask
+    token_frame: torch.Tensor | None = None  # (L,) frame of each token
+    first_visible: torch.Tensor | None = None  # (L,) earliest frame each token may see (sliding window)
     past_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     new_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # filled when writing the cache
     text_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # read/filled text K/V
@@ -132,6 +143,8 @@ class CausalWanAttnProcessor:
         mask = None
         if call.token_block is not None:  # full block-causal forward: token i sees block(j) <= block(i)
             mask = call.token_block[None, :] <= call.token_block[:, None]
+            if call.first_visible is not None:  # ... and only frames inside its window
+                mask = mask & (call.token_frame[None, :] >= call.first_visible[:, None])
         return _attend(query, key, value, mask)
 
 
@@ -155,8 +168,9 @@ class CausalWanModel(WanTransformer3DModel):
             block.attn1.set_processor(CausalWanAttnProcessor(i, cross=False))
             block.attn2.set_processor(CausalWanAttnProcessor(i, cross=True))
 
-    def new_kv_cache(self) -> KVCache:
-        return KVCache.empty(len(self.blocks))
+    def new_kv_cache(self, window_frames: int | None = None) -> KVCache:
+        """An empty cache; `window_frames` bounds it to the most recent latent frames (long videos)."""
+        return KVCache.empty(len(self.blocks), window_frames)
 
     def tokens_per_frame(self, height: int, width: int) -> int:
         _, p_h, p_w = self.config.patch_size
@@ -175,12 +189,17 @@ class CausalWanModel(WanTransformer3DModel):
         kv_cache: KVCache | None = None,
         update_cache: bool = False,
         feature_layers: tuple[int, ...] = (),
+        window_frames: int | None = None,
     ) -> CausalWanOutput | tuple[torch.Tensor, ...]:
-        """Velocity prediction for `hidden_states` (B, C, F, H, W) at `timestep` (B,) or (B, F)."""
+        """Velocity prediction for `hidden_states` (B, C, F, H, W) at `timestep` (B,) or (B, F).
+
+        `window_frames` (with `frames_per_block`) limits each block to the `window_frames` latent frames
+        before it, as a sliding-window KV cache does: the whole-clip equivalent of generating with
+        `new_kv_cache(window_frames)`."""
         if frames_per_block is None and kv_cache is None:
             call = None  # bidirectional: diffusers' processors, exactly
         else:
-            call = self._attention_call(hidden_states, frames_per_block, kv_cache, update_cache)
+            call = self._attention_call(hidden_states, frames_per_block, kv_cache, update_cache, window_frames)
         if call is not None and encoder_hidden_states_image is not None:
             raise NotImplementedError("image conditioning (I2V) is not supported in causal or cached mode")
         frame_offset = kv_cache.num_frames if kv_cache is not None else 0
@@ -193,15 +212,19 @@ class CausalWanModel(WanTransformer3DModel):
                     for old, new in zip(kv_cache.self_kv, call.new_kv)
                 ]
                 kv_cache.num_frames += hidden_states.shape[2]
+                if kv_cache.window_frames is not None:
+                    keep = kv_cache.window_frames // self.config.patch_size[0] * self.tokens_per_frame(*hidden_states.shape[3:])
+                    kv_cache.self_kv = [(k[:, -keep:], v[:, -keep:]) for k, v in kv_cache.self_kv]
         if not return_dict:
             return (sample,) if not feature_layers else (sample, features)
         return CausalWanOutput(sample=sample, features=features or None)
 
     def _attention_call(
-        self, x: torch.Tensor, frames_per_block: int | None, kv_cache: KVCache | None, update_cache: bool
+        self, x: torch.Tensor, frames_per_block: int | None, kv_cache: KVCache | None, update_cache: bool,
+        window_frames: int | None = None,
     ) -> _AttentionCall:
         if kv_cache is not None:
-            if frames_per_block is not None:
+            if frames_per_block is not None or window_frames is not None:
                 raise ValueError("pass either kv_cache (one block at a time) or frames_per_block, not both")
             new_kv = [None] * len(self.blocks) if update_cache else None
             return _AttentionCall(past_kv=list(kv_cache.self_kv), new_kv=new_kv, text_kv=list(kv_cache.text_kv))
@@ -212,8 +235,13 @@ class CausalWanModel(WanTransformer3DModel):
         if num_frames % (frames_per_block * p_t):
             raise ValueError(f"{num_frames} latent frames do not split into blocks of {frames_per_block}")
         frame = torch.arange(num_frames // p_t, device=x.device)
-        token_block = (frame // frames_per_block).repeat_interleave(self.tokens_per_frame(height, width))
-        return _AttentionCall(token_block=token_block)
+        per_frame = self.tokens_per_frame(height, width)
+        token_block = (frame // frames_per_block).repeat_interleave(per_frame)
+        if window_frames is None:
+            return _AttentionCall(token_block=token_block)
+        token_frame = frame.repeat_interleave(per_frame)
+        first_visible = token_block * (frames_per_block // p_t) - window_frames // p_t
+        return _AttentionCall(token_block=token_block, token_frame=token_frame, first_visible=first_visible)
 
     def _rope(self, x: torch.Tensor, frame_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """diffusers' RoPE table (WanRotaryPosEmbed) for latent frames [frame_offset, frame_offset + F)."""
