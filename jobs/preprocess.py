@@ -41,19 +41,10 @@ def ray_resources(resources: dict[str, float]) -> dict[str, Any]:
     return {"num_cpus": resources.get("CPU", 0), "num_gpus": resources.get("GPU", 0), **({"resources": rest} if rest else {})}
 
 
-def _parse_file(row: dict[str, Any], max_chars: int) -> list[dict[str, Any]]:
-    """One prompt file -> a row per line (a `reason` marks bad lines; line 0 marks an unusable file)."""
-    out = []
-    try:
-        for item in data.read_prompt_file(row["path"], max_chars):
-            if isinstance(item, data.BadLine):
-                out.append({"source": item.source, "line": item.line, "prompt": "", "seed": -1, "samples": 0, "reason": item.reason})
-            else:
-                seed = -1 if item.seed is None else item.seed
-                out.append({"source": item.source, "line": item.line, "prompt": item.prompt, "seed": seed, "samples": item.samples or 0, "reason": ""})
-    except (ValueError, OSError) as err:
-        out.append({"source": row["path"], "line": 0, "prompt": "", "seed": -1, "samples": 0, "reason": str(err)})
-    return out
+def parse_prompt_files(files: list[str], max_chars: int) -> list[dict[str, Any]]:
+    """Every line of every file (`data.prompt_file_rows`), one Ray task per file."""
+    items = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    return items.flat_map(lambda row: data.prompt_file_rows(row["path"], max_chars), num_cpus=0.5).take_all()
 
 
 @dataclasses.dataclass
@@ -70,16 +61,10 @@ class Plan:
 def plan_rows(parsed: list[dict[str, Any]], default_seed: int, written: set[str]) -> Plan:
     """Expand samples into seeds, give every (prompt, seed) its id, keep the first of duplicates, skip
     ids already written. Lines keep file order, so the plan is the same on every run."""
-    parsed = sorted(parsed, key=lambda r: (r["source"], r["line"]))
-    unusable = [r for r in parsed if r["line"] == 0]
-    if unusable:
-        raise ValueError(unusable[0]["reason"])
-    bad = [data.BadLine(r["source"], r["line"], r["reason"]) for r in parsed if r["reason"]]
+    good, bad = data.split_rows(parsed)
     seen: set[str] = set()
     pending, duplicates, already = [], 0, 0
-    for r in parsed:
-        if r["reason"]:
-            continue
+    for r in good:
         first = default_seed if r["seed"] < 0 else r["seed"]
         for seed in range(first, first + max(1, r["samples"])):
             row_id = data.prompt_id(r["prompt"], seed)
@@ -149,10 +134,7 @@ def run(cfg: Config) -> tuple[Plan, int]:
     if not cfg.data.prompts or not cfg.data.output:
         raise ValueError("set data.prompts (file, directory or glob) and data.output (directory, local or s3://)")
     files = data.list_files(cfg.data.prompts)
-    parsed = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).flat_map(
-        _parse_file, fn_kwargs={"max_chars": cfg.data.max_prompt_chars}, num_cpus=0.5
-    ).take_all()
-    plan = plan_rows(parsed, cfg.data.seed, data.written_ids(cfg.data.output))
+    plan = plan_rows(parse_prompt_files(files, cfg.data.max_prompt_chars), cfg.data.seed, data.written_ids(cfg.data.output))
 
     model = dataclasses.asdict(cfg.model)
     packed, text_dtype = ray.get(_encode_negative.options(**ray_resources(cfg.ray.encoder_resources)).remote(model, cfg.method.negative_prompt))

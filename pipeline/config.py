@@ -212,6 +212,25 @@ class PretrainConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """Batch generation (jobs/generate.py). Steps, schedule and block size come from `method` and `model`."""
+
+    fps: int = 16
+    num_latent_frames: int = 0  # 0 = model.num_latent_frames; more makes long videos (see cache_window)
+    cache_window: int = 0  # latent frames of KV context kept; 0 = all (a sliding window beyond it)
+    samples: int = 1  # clips per prompt unless the prompt file says
+    seed: int = 0  # base seed unless the prompt file says; sample k uses seed + k
+    actors: int = 1
+    resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    max_prompt_chars: int = 2000
+
+    def __post_init__(self) -> None:
+        _positive(self, "fps", "samples", "actors", "max_prompt_chars")
+        if self.num_latent_frames < 0 or self.cache_window < 0:
+            raise ConfigError("generate.num_latent_frames and generate.cache_window must be >= 0")
+
+
+@dataclass
 class Config:
     name: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -222,6 +241,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def __post_init__(self) -> None:
         if self.method.gradient_num_blocks > self.model.num_blocks:
@@ -334,5 +354,5 @@ def _positive(section: Any, *names: str) -> None:
 _SECTION_NAMES = {
     "ModelConfig": "model", "MethodConfig": "method", "DiscriminatorConfig": "method.discriminator",
     "TrainConfig": "train", "RayConfig": "ray", "TrackingConfig": "tracking", "DataConfig": "data",
-    "PretrainConfig": "pretrain",
+    "PretrainConfig": "pretrain", "GenerateConfig": "generate",
 }

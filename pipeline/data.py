@@ -217,6 +217,32 @@ def _validate(path: str, line: int, fields: dict[str, Any] | str, max_chars: int
     return PromptLine(path, line, prompt.strip(), numbers["seed"], numbers["samples"])
 
 
+def prompt_file_rows(path: str, max_chars: int) -> list[dict[str, Any]]:
+    """One prompt file as flat rows for Ray Data: source, line, prompt, seed (-1 = unset), samples (0 =
+    unset), reason (why the line is bad; empty when good). Line 0 with a reason: the whole file is bad."""
+    rows = []
+    try:
+        for item in read_prompt_file(path, max_chars):
+            if isinstance(item, BadLine):
+                rows.append({"source": item.source, "line": item.line, "prompt": "", "seed": -1, "samples": 0, "reason": item.reason})
+            else:
+                seed = -1 if item.seed is None else item.seed
+                rows.append({"source": item.source, "line": item.line, "prompt": item.prompt, "seed": seed,
+                             "samples": item.samples or 0, "reason": ""})
+    except (ValueError, OSError) as err:
+        rows.append({"source": path, "line": 0, "prompt": "", "seed": -1, "samples": 0, "reason": str(err)})
+    return rows
+
+
+def split_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[BadLine]]:
+    """(good rows in file order, bad lines); raises ValueError naming a file that is unusable as a whole."""
+    rows = sorted(rows, key=lambda r: (r["source"], r["line"]))
+    unusable = [r for r in rows if r["line"] == 0]
+    if unusable:
+        raise ValueError(unusable[0]["reason"])
+    return [r for r in rows if not r["reason"]], [BadLine(r["source"], r["line"], r["reason"]) for r in rows if r["reason"]]
+
+
 def normalise_prompt(prompt: str) -> str:
     """What makes two prompts the same: surrounding and repeated whitespace does not count."""
     return " ".join(prompt.split())

@@ -1,7 +1,8 @@
 """Video files: mp4 (H.264 via PyAV) and gif writing, mp4 reading, sample grids.
 
 Clips are numpy arrays (T, H, W, 3), float in [0, 1] or uint8. Writes go to a temporary name in the
-same directory and are renamed into place, so a killed writer never leaves a truncated video behind.
+same directory and are renamed into place, so a killed writer never leaves a truncated video behind; on
+s3:// and other object stores the file is encoded locally and uploaded in one PUT (atomic there).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import av
+import fsspec
 import numpy as np
 
 
@@ -21,11 +23,22 @@ def to_uint8(clip: np.ndarray) -> np.ndarray:
 
 
 def write_mp4(clip: np.ndarray, path: str | Path, fps: int = 16, crf: int = 12) -> None:
-    """H.264 in yuv444p (no chroma subsampling, so small toy clips keep their colours), atomically."""
+    """H.264 in yuv444p (no chroma subsampling, so small toy clips keep their colours), atomically; `path`
+    may be a local path or an fsspec URL (s3://...)."""
     frames = to_uint8(clip)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"{path}: expected a clip (T, H, W, 3), got shape {frames.shape}")
-    path = Path(path)
+    fs, target = fsspec.core.url_to_fs(str(path))
+    if "file" in fs.protocol or fs.protocol == "local":
+        _encode(frames, Path(target), fps, crf)
+        return
+    with tempfile.TemporaryDirectory(prefix="oneforce-mp4-") as tmp:
+        local = Path(tmp) / Path(target).name
+        _encode(frames, local, fps, crf)
+        fs.put_file(str(local), target)
+
+
+def _encode(frames: np.ndarray, path: Path, fps: int, crf: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
     os.close(fd)

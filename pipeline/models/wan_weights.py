@@ -131,7 +131,7 @@ def read_state_dict(path: str, entry: str | None = None) -> dict[str, torch.Tens
     `entry` picks a sub-dict of a training checkpoint (e.g. "generator_ema"); by default the first of
     generator_ema, generator, model, state_dict that is present, else the file's top level.
     """
-    with _local_copy(path) as local:
+    with local_copy(path) as local:
         if local.endswith(".safetensors"):
             raw = load_file(local)
         else:
@@ -159,7 +159,7 @@ def load_wan(
     """
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.isdir(fs_path):
-        with _local_copy(path) as local:
+        with local_copy(path) as local:
             return CausalWanModel.from_pretrained(local, torch_dtype=dtype)
     if config is None:
         raise ValueError(f"{path}: a single weights file needs a model config (one of {sorted(WAN_CONFIGS)})")
@@ -182,7 +182,7 @@ def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sou
     model.load_state_dict(state_dict, strict=True)
 
 
-class _local_copy:
+class local_copy:
     """Context manager yielding a local path for `path`: itself if local, else a temporary download."""
 
     def __init__(self, path: str) -> None:

@@ -1,0 +1,182 @@
+"""Batch generation over prompt files: one-step autoregressive clips as mp4, on a Ray Data actor pool.
+
+    python jobs/generate.py --checkpoint PATH_OR_S3 --prompts FILE_OR_GLOB --out DIR_OR_S3 [--config FILE] [overrides]
+    ray job submit --working-dir . -- python jobs/generate.py --checkpoint s3://.../student --prompts prompts.txt --out s3://.../videos
+
+Prompt files are those of preprocessing (txt, jsonl, csv, parquet; a `seed` and a `samples` field per
+prompt are honoured). Each clip is written as <out>/<id>_<sample>.mp4, where id hashes the prompt and
+its base seed and sample k uses seed + k; <out>/manifest.jsonl and manifest.parquet list them (id,
+sample, prompt, seed, path, frames, seconds, first_frame_seconds, fps_generated, model_id, source, line).
+A rerun skips clips already in the manifest whose file exists. Settings: `generate` (fps, samples, seed,
+long clips with num_latent_frames and cache_window, actors and their resources), `method` (step list,
+schedule, context noise) and `model` (frames_per_block, latent size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from tqdm import tqdm
+
+from actors.generator import GeneratorStage, clip_name
+from jobs.cli import run_main
+from jobs.preprocess import SHOWN_BAD_LINES, parse_prompt_files, ray_resources
+from pipeline import data
+from pipeline.config import Config
+from pipeline.tracking import open_tracker
+
+MANIFEST_JSONL, MANIFEST_PARQUET = "manifest.jsonl", "manifest.parquet"
+SAVE_EVERY_SECONDS = 10.0
+
+
+def read_manifest(out: str) -> list[dict[str, Any]]:
+    fs, root = fsspec.core.url_to_fs(out)
+    path = f"{root.rstrip('/')}/{MANIFEST_JSONL}"
+    if not fs.exists(path):
+        return []
+    rows = []
+    for number, line in enumerate(fs.cat(path).decode().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{out}/{MANIFEST_JSONL}:{number}: not JSON ({err.msg}); move the manifest away to regenerate") from None
+    return rows
+
+
+def write_manifest(out: str, rows: list[dict[str, Any]]) -> None:
+    """Both manifests, each written whole under a temporary name and renamed."""
+    fs, root = fsspec.core.url_to_fs(out)
+    root = root.rstrip("/")
+    fs.makedirs(root, exist_ok=True)
+    rows = sorted(rows, key=lambda r: (r["id"], r["sample"]))
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    for name, payload in ((MANIFEST_JSONL, "".join(json.dumps(r) + "\n" for r in rows).encode()), (MANIFEST_PARQUET, sink.getvalue().to_pybytes())):
+        with fs.open(f"{root}/.tmp-{name}", "wb") as f:
+            f.write(payload)
+        fs.mv(f"{root}/.tmp-{name}", f"{root}/{name}")
+
+
+@dataclasses.dataclass
+class Plan:
+    pending: list[dict[str, Any]]  # id, sample, prompt, seed, source, line
+    kept: list[dict[str, Any]]  # manifest rows of finished clips
+    lines: int
+    bad: list[data.BadLine]
+    duplicates: int
+
+
+def plan_clips(parsed: list[dict[str, Any]], cfg: Config, manifest: list[dict[str, Any]], existing: set[str]) -> Plan:
+    good, bad = data.split_rows(parsed)
+    finished = {(r["id"], r["sample"]): r for r in manifest if r.get("path") in existing}
+    seen: set[tuple[str, int]] = set()
+    pending, kept, duplicates = [], [], 0
+    for r in good:
+        base = cfg.generate.seed if r["seed"] < 0 else r["seed"]
+        row_id = data.prompt_id(r["prompt"], base)
+        for sample in range(r["samples"] or cfg.generate.samples):
+            key = (row_id, sample)
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            if key in finished:
+                kept.append(finished[key])
+                continue
+            pending.append({"id": row_id, "sample": sample, "prompt": r["prompt"], "seed": base + sample, "source": r["source"], "line": r["line"]})
+    return Plan(pending, kept, len(parsed), bad, duplicates)
+
+
+def existing_files(out: str) -> set[str]:
+    fs, root = fsspec.core.url_to_fs(out)
+    fs.invalidate_cache(root)
+    if not fs.exists(root):
+        return set()
+    return {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if p.endswith(".mp4")}
+
+
+def summary_lines(plan: Plan, new: list[dict[str, Any]], seconds: float) -> list[str]:
+    lines = [
+        f"prompt lines read: {plan.lines}",
+        f"skipped bad lines: {len(plan.bad)}",
+        *(f"  {b}" for b in plan.bad[:SHOWN_BAD_LINES]),
+        f"skipped duplicates: {plan.duplicates}",
+        f"skipped, already generated: {len(plan.kept)}",
+        f"generated: {len(new)} clips in {seconds:.1f} s",
+    ]
+    if new:
+        lines.append(
+            f"per clip: {statistics.mean(r['seconds'] for r in new):.3f} s, first frames after "
+            f"{statistics.mean(r['first_frame_seconds'] for r in new):.3f} s, "
+            f"{statistics.mean(r['fps_generated'] for r in new):.1f} frames/s"
+        )
+    return lines
+
+
+def run(cfg: Config, checkpoint: str, prompts: str, out: str) -> tuple[Plan, list[dict[str, Any]]]:
+    """The whole job on an initialised Ray: returns the plan and the manifest rows of new clips."""
+    fs, path = fsspec.core.url_to_fs(checkpoint)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"checkpoint {checkpoint}: no such file or directory")
+    parsed = parse_prompt_files(data.list_files(prompts), cfg.generate.max_prompt_chars)
+    plan = plan_clips(parsed, cfg, read_manifest(out), existing_files(out))
+    new: list[dict[str, Any]] = []
+    if not plan.pending:
+        write_manifest(out, plan.kept)
+        return plan, new
+    rows = ray.data.from_items(plan.pending, override_num_blocks=len(plan.pending)).map_batches(
+        GeneratorStage,
+        fn_constructor_kwargs={"checkpoint": checkpoint, "config": cfg.to_dict(), "out": out},
+        compute=ray.data.ActorPoolStrategy(size=cfg.generate.actors),
+        batch_size=1,
+        **ray_resources(cfg.generate.resources),
+    )
+    saved = time.perf_counter()
+    with tqdm(total=len(plan.pending), desc="generate", unit="clip") as progress:
+        for batch in rows.iter_batches(batch_size=None, batch_format="pandas"):
+            new.extend(batch.to_dict("records"))
+            progress.update(len(batch))
+            if time.perf_counter() - saved > SAVE_EVERY_SECONDS:
+                write_manifest(out, plan.kept + new)
+                saved = time.perf_counter()
+    write_manifest(out, plan.kept + new)
+    return plan, new
+
+
+def main(cfg: Config, args: argparse.Namespace) -> None:
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address or None)
+    start = time.perf_counter()
+    tracker = open_tracker(cfg.tracking, tempfile.mkdtemp(prefix="generate-"), cfg.to_dict(), "generate")
+    try:
+        plan, new = run(cfg, args.checkpoint, args.prompts, args.out)
+        seconds = time.perf_counter() - start
+        print("\n".join(summary_lines(plan, new, seconds)))
+        if new:
+            tracker.log_metrics({
+                "clips": len(new), "seconds_per_clip": statistics.mean(r["seconds"] for r in new),
+                "first_frame_seconds": statistics.mean(r["first_frame_seconds"] for r in new),
+                "frames_per_second": statistics.mean(r["fps_generated"] for r in new),
+            }, step=0)
+    finally:
+        tracker.close()
+
+
+def extra_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="student directory (diffusers layout) or weights file, local or s3://")
+    parser.add_argument("--prompts", required=True, help="prompt file, directory or glob (txt, jsonl, csv, parquet), local or s3://")
+    parser.add_argument("--out", required=True, help="output directory for mp4 files and the manifest, local or s3://")
+
+
+if __name__ == "__main__":
+    run_main(main, __doc__.splitlines()[0], extra_args)

@@ -1,0 +1,175 @@
+"""One-step autoregressive generation from a causal student: whole clips, or frames streamed as each
+block is produced. The Python API for a notebook, and what the generation job's actors call.
+
+    gen = ClipGenerator.load("runs/student", cfg)          # a directory (or s3://) or a single file
+    for frames in gen.stream("a red square moving left, fast", seed=0):
+        show(frames)                                        # (frames_per_block * temporal factor, H, W, 3)
+    clip = gen.generate("a red square moving left, fast", seed=0)
+
+A checkpoint directory is laid out like a diffusers Wan pipeline: `transformer/` (required), and
+optionally `text_encoder/` + `tokenizer/` and `codec/` (toy) or `vae/` (Wan); parts it lacks come from
+`model.text_encoder_path` and `model.codec`. A single weights file (e.g. a Self-Forcing .pt) is read
+with `model.student_arch`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import fsspec
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.data import noise_seed, prompt_id
+from pipeline.models.causal_wan import CausalWanModel
+from pipeline.models.codec import PatchCodec, WanVAECodec, load_codec, video_to_clips
+from pipeline.models.loading import torch_dtype
+from pipeline.models.text import TextEncoder
+from pipeline.models.wan_weights import load_wan, local_copy
+from pipeline.rollout import inference_schedule, iter_blocks, rollout, training_steps
+
+
+@dataclass
+class GenerationSettings:
+    steps: list[float]  # each block's step list (already warped), e.g. [1000.0] for one step
+    schedule: Literal["uniform", "first4then1"]
+    frames_per_block: int
+    num_latent_frames: int
+    latent_height: int
+    latent_width: int
+    context_noise: float = 0.0
+    cache_window: int | None = None  # latent frames of context kept; None = all
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> GenerationSettings:
+        m, g = cfg.method, cfg.generate
+        frames = g.num_latent_frames or cfg.model.num_latent_frames
+        if frames % cfg.model.frames_per_block:
+            raise ValueError(f"generate.num_latent_frames={frames} is not a multiple of model.frames_per_block={cfg.model.frames_per_block}")
+        return cls(
+            steps=training_steps(m.denoising_steps, m.shift, m.warp_denoising_steps),
+            schedule=m.inference_schedule,
+            frames_per_block=cfg.model.frames_per_block,
+            num_latent_frames=frames,
+            latent_height=cfg.model.latent_height,
+            latent_width=cfg.model.latent_width,
+            context_noise=m.context_noise,
+            cache_window=g.cache_window or None,
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_latent_frames // self.frames_per_block
+
+
+@dataclass
+class Timing:
+    first_frame_seconds: float  # from the call to the first decoded frames
+    seconds: float  # the whole clip
+    frames: int
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else float("inf")
+
+
+class ClipGenerator:
+    """A causal student with its text encoder and codec, generating clips block by block."""
+
+    def __init__(
+        self, student: CausalWanModel, text_encoder: TextEncoder, codec: PatchCodec | WanVAECodec,
+        settings: GenerationSettings, model_id: str = "",
+    ) -> None:
+        self.student = student.eval().requires_grad_(False)
+        self.text_encoder, self.codec, self.settings, self.model_id = text_encoder, codec, settings, model_id
+        self.device = next(student.parameters()).device
+
+    @classmethod
+    def load(cls, checkpoint: str, cfg: Config, device: str | torch.device = "cpu") -> ClipGenerator:
+        dtype = torch_dtype(cfg.model.dtype)
+        fs, path = fsspec.core.url_to_fs(checkpoint)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"checkpoint {checkpoint}: no such file or directory")
+        with local_copy(checkpoint) as local:
+            if fs.isdir(path):
+                if not fs.isdir(f"{path.rstrip('/')}/transformer"):
+                    raise FileNotFoundError(f"checkpoint {checkpoint}: a directory needs a transformer/ folder (diffusers layout)")
+                student = load_wan(f"{local}/transformer", dtype=dtype)
+                has_text = fs.isdir(f"{path.rstrip('/')}/text_encoder")
+                codec_dir = next((f"{local}/{d}" for d in ("codec", "vae") if fs.isdir(f"{path.rstrip('/')}/{d}")), None)
+            else:
+                student = load_wan(local, config=cfg.model.student_arch, dtype=dtype)
+                has_text, codec_dir = False, None
+            if has_text:
+                text_encoder = TextEncoder.from_pretrained(local, dtype=dtype)
+            elif cfg.model.text_encoder_path:
+                text_encoder = TextEncoder.from_pretrained(cfg.model.text_encoder_path, dtype=dtype)
+            else:
+                text_encoder = TextEncoder.toy()
+            codec_spec = codec_dir or cfg.model.codec
+            if not codec_spec:
+                raise ValueError(f"checkpoint {checkpoint} has no codec/ or vae/ folder: set model.codec")
+            codec = load_codec(codec_spec, dtype)
+        return cls(student.to(device), text_encoder.to(device), codec.to(device), GenerationSettings.from_config(cfg), checkpoint)
+
+    def noise(self, prompt: str, seed: int) -> torch.Tensor:
+        """The starting noise of every block, (1, C, F, H, W), from (prompt, seed) alone: the same clip
+        on every machine and in every batch."""
+        s = self.settings
+        shape = (1, self.student.config.in_channels, s.num_latent_frames, s.latent_height, s.latent_width)
+        generator = torch.Generator().manual_seed(noise_seed(prompt_id(prompt, seed)))
+        return torch.randn(shape, generator=generator).to(self.device)
+
+    def _inputs(self, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[list[float]], torch.Generator]:
+        dtype = next(self.student.parameters()).dtype
+        text = self.text_encoder.encode([prompt]).to(self.device, dtype)
+        steps = inference_schedule(self.settings.num_blocks, self.settings.steps, self.settings.schedule)
+        renoise = torch.Generator(device=self.device).manual_seed(noise_seed(prompt_id(prompt, seed)) ^ 1)
+        return self.noise(prompt, seed).to(dtype), text, steps, renoise
+
+    def _decode(self, latents: torch.Tensor) -> np.ndarray:
+        return video_to_clips(self.codec.decode(latents.float()))[0]
+
+    @torch.no_grad()
+    def stream(self, prompt: str, seed: int) -> Iterator[np.ndarray]:
+        """Frames (n, H, W, 3) in [0, 1] as each block is generated. The prefix is re-decoded each time
+        and only the new frames are yielded: exact for any causal codec (the patch codec is per frame;
+        the Wan VAE is causal in time)."""
+        noise, text, steps, renoise = self._inputs(prompt, seed)
+        s = self.settings
+        blocks: list[torch.Tensor] = []
+        shown = 0
+        for block in iter_blocks(
+            self.student, noise, text, steps, s.frames_per_block,
+            context_noise=s.context_noise, generator=renoise, cache_window=s.cache_window,
+        ):
+            blocks.append(block)
+            frames = self._decode(torch.cat(blocks, dim=2))
+            yield frames[shown:]
+            shown = len(frames)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, seed: int) -> np.ndarray:
+        """The whole clip (T, H, W, 3) in [0, 1]: the rollout of all blocks, then one decode."""
+        noise, text, steps, renoise = self._inputs(prompt, seed)
+        s = self.settings
+        out = rollout(
+            self.student, noise, text, steps, s.frames_per_block,
+            context_noise=s.context_noise, generator=renoise, cache_window=s.cache_window,
+        )
+        return self._decode(out.x0)
+
+    def timed(self, prompt: str, seed: int) -> tuple[np.ndarray, Timing]:
+        """`stream` to completion, timing the first frames and the whole clip."""
+        start = time.perf_counter()
+        first, parts = None, []
+        for frames in self.stream(prompt, seed):
+            if first is None:
+                first = time.perf_counter() - start
+            parts.append(frames)
+        clip = np.concatenate(parts)
+        return clip, Timing(first or 0.0, time.perf_counter() - start, len(clip))
