@@ -92,14 +92,17 @@ def test_render_is_deterministic_per_prompt_and_seed():
     assert not np.array_equal(tw.render(PAIRS[0], 0), tw.render(PAIRS[0], 1))
 
 
-def test_objects_stay_inside_the_frame_with_a_background_border():
-    # Without trails the border is pure background; trails may run off the frame.
-    config = tw.WorldConfig(trail_frames=0)
+def test_objects_stay_inside_a_background_ring_within_the_clock_border():
+    # Without trails the ring just inside the border is pure background; trails may run under it.
+    config = tw.WorldConfig(trail_frames=0, border=1, object_size=8)
     background = np.asarray(config.background, np.float32)
     for prompt in SINGLE + PAIRS[::48]:
         clip = tw.render(prompt, 0, config)
-        border = np.concatenate([clip[:, 0], clip[:, -1], clip[:, :, 0], clip[:, :, -1]], axis=1)
-        assert np.array_equal(border, np.broadcast_to(background, border.shape))
+        ring = np.concatenate([clip[:, 1, 1:-1], clip[:, -2, 1:-1], clip[:, 1:-1, 1], clip[:, 1:-1, -2]], axis=1)
+        assert np.array_equal(ring, np.broadcast_to(background, ring.shape))
+        border = np.concatenate([clip[:, 0], clip[:, -1], clip[:, :, 0], clip[:, :, -1]], axis=1)  # (frames, 128, 3)
+        expected = np.linspace(config.border_first, config.border_last, config.frames, dtype=np.float32)
+        np.testing.assert_allclose(border, np.broadcast_to(expected[:, None, None], border.shape), atol=1e-6)
 
 
 def _coverage(clip, colour, config=CONFIG):
@@ -179,6 +182,14 @@ def test_one_pixel_streaks_on_the_edges_do_not_change_the_shape(shape):
         clip[f, bottom + 1, left + 4 : right - 3] = tw.PALETTE["red"]  # and one under the bottom edge
     (obj,) = tw.detect_objects(clip, config)
     assert obj.shape == shape, obj.shape_scores
+
+
+def test_the_grader_ignores_the_clock_border():
+    config = tw.WorldConfig(border=1, object_size=12, max_objects=1)
+    prompts = SINGLE[::7]
+    scores = [tw.grade_clip(tw.render(p, 0, config), p, config) for p in prompts]
+    assert _mean(scores, "adherence") == 1.0 and all(0.95 <= s.sharpness <= 1.05 for s in scores)
+    assert tw.grade_clips([tw.render(p, 1, config) for p in prompts], prompts, config)["frechet"] < 0.5
 
 
 def test_ground_truth_clips_grade_perfectly(rendered):
