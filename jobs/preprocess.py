@@ -6,7 +6,9 @@
 Pipeline: prompt files (one Ray task per file: parse and validate) -> stable ids, dedupe and resume on
 the driver (prompt text only) -> text-encoder actor pool -> teacher-sampler actor pool (multi-step CFG
 ODE against the negative prompt, noise seeded by id, trajectory states kept for ODE init) -> Parquet
-shards written atomically. A rerun skips ids already written. Schema: pipeline/data.py.
+shards written atomically. Captioned videos (`data.videos`: manifests with `video` and `prompt`) go
+text encoder -> VAE-encoder actor pool into the same dataset with kind = real. A rerun skips ids
+already written. Schema: pipeline/data.py.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import time
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import ray
 from tqdm import tqdm
 
-from actors.encoder import TextEncoderStage
+from actors.encoder import TextEncoderStage, VideoEncoderStage
 from actors.teacher import TeacherSamplerStage
 from jobs.cli import run_main
 from pipeline import data
@@ -51,23 +54,28 @@ def parse_prompt_files(files: list[str], max_chars: int) -> list[dict[str, Any]]
 class Plan:
     """What this run will do, decided on the driver from the parsed prompt lines."""
 
-    pending: list[dict[str, Any]]  # rows to compute: id, prompt, seed, kind
+    pending: list[dict[str, Any]]  # rows to compute: id, prompt, seed, kind, source, line (+ video)
     lines: int
     bad: list[data.BadLine]
     duplicates: int
     already_written: int
 
 
-def plan_rows(parsed: list[dict[str, Any]], default_seed: int, written: set[str]) -> Plan:
-    """Expand samples into seeds, give every (prompt, seed) its id, keep the first of duplicates, skip
-    ids already written. Lines keep file order, so the plan is the same on every run."""
+def plan_rows(parsed: list[dict[str, Any]], default_seed: int, written: set[str], kind: str = "teacher") -> Plan:
+    """Give every (prompt, seed) its id (teacher rows: samples expand into seeds) or every captioned
+    video its id (real rows), keep the first of duplicates, skip ids already written. Lines keep file
+    order, so the plan is the same on every run."""
     good, bad = data.split_rows(parsed)
     seen: set[str] = set()
     pending, duplicates, already = [], 0, 0
     for r in good:
+        if kind == "real" and not r["video"]:
+            bad.append(data.BadLine(r["source"], r["line"], "no 'video' field"))
+            continue
         first = default_seed if r["seed"] < 0 else r["seed"]
-        for seed in range(first, first + max(1, r["samples"])):
-            row_id = data.prompt_id(r["prompt"], seed)
+        seeds = [first] if kind == "real" else range(first, first + max(1, r["samples"]))
+        for seed in seeds:
+            row_id = data.video_id(r["prompt"], r["video"]) if kind == "real" else data.prompt_id(r["prompt"], seed)
             if row_id in seen:
                 duplicates += 1
                 continue
@@ -75,8 +83,16 @@ def plan_rows(parsed: list[dict[str, Any]], default_seed: int, written: set[str]
             if row_id in written:
                 already += 1
                 continue
-            pending.append({"id": row_id, "prompt": r["prompt"], "seed": seed, "kind": "teacher"})
+            row = {"id": row_id, "prompt": r["prompt"], "seed": seed, "kind": kind, "source": r["source"], "line": r["line"]}
+            pending.append({**row, "video": r["video"]} if kind == "real" else row)
     return Plan(pending, len(parsed), bad, duplicates, already)
+
+
+def merge(plans: list[Plan]) -> Plan:
+    return Plan(
+        [r for p in plans for r in p.pending], sum(p.lines for p in plans), [b for p in plans for b in p.bad],
+        sum(p.duplicates for p in plans), sum(p.already_written for p in plans),
+    )
 
 
 def teacher_schedule(cfg: Config) -> tuple[list[float], list[float]]:
@@ -105,14 +121,20 @@ def _encode_negative(model: dict[str, Any], prompt: str) -> tuple[Any, str]:
 
 
 def _write_shard(batch: dict[str, Any], output: str, info: data.DatasetInfo) -> dict[str, Any]:
-    rows = {
-        "id": list(batch["id"]), "prompt": list(batch["prompt"]), "seed": list(batch["seed"]), "kind": list(batch["kind"]),
-        "text_embedding": data.unpack(batch["text_embedding"], info.text_embedding.dtype),
-        "latent": data.unpack(batch["latent"], info.latent.dtype),
-        "trajectory": data.unpack(batch["trajectory"], info.latent.dtype) if info.trajectory_timesteps else None,
-    }
-    path = data.write_shard(output, info, rows)
-    return {"id": batch["id"], "shard": [path] * len(batch["id"])}
+    """Write the batch's usable rows as one shard; pass every row's id and `reason` (why it was not
+    written; empty when it was) back to the driver."""
+    reasons = batch.get("reason", np.full(len(batch["id"]), ""))
+    keep = np.flatnonzero(reasons == "")
+    if len(keep):
+        rows = {
+            "id": list(batch["id"][keep]), "prompt": list(batch["prompt"][keep]), "seed": list(batch["seed"][keep]),
+            "kind": list(batch["kind"][keep]),
+            "text_embedding": data.unpack(batch["text_embedding"][keep], info.text_embedding.dtype),
+            "latent": data.unpack(batch["latent"][keep], info.latent.dtype),
+            "trajectory": data.unpack(batch["trajectory"][keep], info.latent.dtype) if "trajectory" in batch and info.trajectory_timesteps else None,
+        }
+        data.write_shard(output, info, rows)
+    return {"id": batch["id"], "source": batch["source"], "line": batch["line"], "reason": reasons}
 
 
 def summary_lines(plan: Plan, written: int, seconds: float) -> list[str]:
@@ -130,11 +152,18 @@ def summary_lines(plan: Plan, written: int, seconds: float) -> list[str]:
 
 
 def run(cfg: Config) -> tuple[Plan, int]:
-    """The whole job on an initialised Ray; returns the plan and the number of rows written."""
-    if not cfg.data.prompts or not cfg.data.output:
-        raise ValueError("set data.prompts (file, directory or glob) and data.output (directory, local or s3://)")
-    files = data.list_files(cfg.data.prompts)
-    plan = plan_rows(parse_prompt_files(files, cfg.data.max_prompt_chars), cfg.data.seed, data.written_ids(cfg.data.output))
+    """The whole job on an initialised Ray; returns the plan (with videos that failed added to its bad
+    lines) and the number of rows written."""
+    if not (cfg.data.prompts or cfg.data.videos) or not cfg.data.output:
+        raise ValueError("set data.prompts and/or data.videos (file, directory or glob) and data.output (directory, local or s3://)")
+    written_before = data.written_ids(cfg.data.output)
+    plans = []
+    if cfg.data.prompts:
+        parsed = parse_prompt_files(data.list_files(cfg.data.prompts), cfg.data.max_prompt_chars)
+        plans.append(plan_rows(parsed, cfg.data.seed, written_before))
+    if cfg.data.videos:
+        parsed = parse_prompt_files(data.list_files(cfg.data.videos, (".jsonl", ".csv", ".parquet")), cfg.data.max_prompt_chars)
+        plans.append(plan_rows(parsed, cfg.data.seed, written_before, kind="real"))
 
     model = dataclasses.asdict(cfg.model)
     packed, text_dtype = ray.get(_encode_negative.options(**ray_resources(cfg.ray.encoder_resources)).remote(model, cfg.method.negative_prompt))
@@ -152,33 +181,42 @@ def run(cfg: Config) -> tuple[Plan, int]:
     )
     data.write_info(cfg.data.output, info)
     data.write_negative_prompt(cfg.data.output, cfg.method.negative_prompt, negative)
-    if not plan.pending:
-        return plan, 0
 
-    rows = ray.data.from_items(plan.pending, override_num_blocks=min(len(plan.pending), math.ceil(len(plan.pending) / cfg.data.batch_rows)))
-    rows = rows.map_batches(
-        TextEncoderStage,
-        fn_constructor_kwargs={"model": model},
-        compute=ray.data.ActorPoolStrategy(size=cfg.ray.encoder_actors),
-        batch_size=cfg.data.batch_rows,
-        **ray_resources(cfg.ray.encoder_resources),
-    )
-    rows = rows.map_batches(
-        TeacherSamplerStage,
-        fn_constructor_kwargs={
-            "model": model, "latent_shape": latent_shape, "timesteps": timesteps, "keep_at": keep,
-            "guidance": cfg.data.teacher_guidance, "negative_embedding": packed, "text_dtype": text_dtype,
-        },
-        compute=ray.data.ActorPoolStrategy(size=cfg.ray.teacher_actors),
-        batch_size=cfg.data.batch_rows,
-        **ray_resources(cfg.ray.teacher_resources),
-    )
-    rows = rows.map_batches(_write_shard, fn_kwargs={"output": cfg.data.output, "info": info}, batch_size=cfg.data.shard_rows, num_cpus=0.1)
-    written = 0
+    def encoded(pending: list[dict[str, Any]]) -> ray.data.Dataset:
+        blocks = min(len(pending), math.ceil(len(pending) / cfg.data.batch_rows))
+        return ray.data.from_items(pending, override_num_blocks=blocks).map_batches(
+            TextEncoderStage, fn_constructor_kwargs={"model": model}, compute=ray.data.ActorPoolStrategy(size=cfg.ray.encoder_actors),
+            batch_size=cfg.data.batch_rows, **ray_resources(cfg.ray.encoder_resources),
+        )
+
+    stages = []
+    teacher_rows = [r for p in plans for r in p.pending if r["kind"] == "teacher"]
+    if teacher_rows:
+        stages.append((len(teacher_rows), encoded(teacher_rows).map_batches(
+            TeacherSamplerStage,
+            fn_constructor_kwargs={
+                "model": model, "latent_shape": latent_shape, "timesteps": timesteps, "keep_at": keep,
+                "guidance": cfg.data.teacher_guidance, "negative_embedding": packed, "text_dtype": text_dtype,
+            },
+            compute=ray.data.ActorPoolStrategy(size=cfg.ray.teacher_actors), batch_size=cfg.data.batch_rows,
+            **ray_resources(cfg.ray.teacher_resources),
+        )))
+    real_rows = [r for p in plans for r in p.pending if r["kind"] == "real"]
+    if real_rows:
+        stages.append((len(real_rows), encoded(real_rows).map_batches(
+            VideoEncoderStage, fn_constructor_kwargs={"model": model, "latent_shape": latent_shape},
+            compute=ray.data.ActorPoolStrategy(size=cfg.ray.encoder_actors), batch_size=cfg.data.batch_rows,
+            **ray_resources(cfg.ray.encoder_resources),
+        )))
+    plan, written = merge(plans), 0
     with tqdm(total=len(plan.pending), desc="preprocess", unit="row") as progress:
-        for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
-            written += len(batch["id"])
-            progress.update(len(batch["id"]))
+        for _, rows in stages:
+            rows = rows.map_batches(_write_shard, fn_kwargs={"output": cfg.data.output, "info": info}, batch_size=cfg.data.shard_rows, num_cpus=0.1)
+            for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
+                failed = batch["reason"] != ""
+                written += int((~failed).sum())
+                plan.bad += [data.BadLine(str(s), int(n), str(r)) for s, n, r in zip(batch["source"][failed], batch["line"][failed], batch["reason"][failed])]
+                progress.update(len(batch["id"]))
     return plan, written
 
 

@@ -7,6 +7,9 @@ Prompt files (local or any fsspec URL such as s3://), one file, a directory or a
     .csv      a header row with a `prompt` column, optional `seed` and `samples` columns
     .parquet  a `prompt` string column, optional `seed` and `samples` integer columns
 
+Captioned videos (`data.videos`) use the .jsonl / .csv / .parquet forms with a `video` field as well: an
+mp4 path or URL, relative paths taken from the manifest's directory.
+
 Bad lines (empty, over-long, undecodable, malformed) are reported with their file and line and skipped.
 
 A preprocessed dataset is a directory of Parquet shards, one row per (prompt, seed) or captioned video:
@@ -70,6 +73,7 @@ class PromptLine:
     prompt: str
     seed: int | None = None
     samples: int | None = None
+    video: str | None = None  # captioned videos only: where the clip is
 
 
 @dataclass(frozen=True)
@@ -121,8 +125,12 @@ def read_prompt_file(path: str, max_chars: int) -> Iterator[PromptLine | BadLine
         rows = _text_rows(data)
     else:
         raise ValueError(f"{path}: unsupported prompt file (use {', '.join(PROMPT_SUFFIXES)})")
+    folder = path.rsplit("/", 1)[0]
     for line, fields in rows:
-        yield _validate(path, line, fields, max_chars)
+        item = _validate(path, line, fields, max_chars)
+        if isinstance(item, PromptLine) and item.video and "://" not in item.video and not item.video.startswith("/"):
+            item = dataclasses.replace(item, video=f"{folder}/{item.video}")
+        yield item
 
 
 def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
@@ -214,23 +222,26 @@ def _validate(path: str, line: int, fields: dict[str, Any] | str, max_chars: int
         except (TypeError, ValueError):
             return BadLine(path, line, f"'{name}' must be an integer >= {low}, got {value!r}")
         numbers[name] = number
-    return PromptLine(path, line, prompt.strip(), numbers["seed"], numbers["samples"])
+    video = fields.get("video")
+    if video is not None and (not isinstance(video, str) or not video.strip()):
+        return BadLine(path, line, f"'video' must be a path, got {video!r}")
+    return PromptLine(path, line, prompt.strip(), numbers["seed"], numbers["samples"], video.strip() if video else None)
 
 
 def prompt_file_rows(path: str, max_chars: int) -> list[dict[str, Any]]:
     """One prompt file as flat rows for Ray Data: source, line, prompt, seed (-1 = unset), samples (0 =
-    unset), reason (why the line is bad; empty when good). Line 0 with a reason: the whole file is bad."""
+    unset), video ("" = none), reason (why the line is bad; empty when good). Line 0 with a reason: the whole file is bad."""
     rows = []
     try:
         for item in read_prompt_file(path, max_chars):
             if isinstance(item, BadLine):
-                rows.append({"source": item.source, "line": item.line, "prompt": "", "seed": -1, "samples": 0, "reason": item.reason})
+                rows.append({"source": item.source, "line": item.line, "prompt": "", "seed": -1, "samples": 0, "video": "", "reason": item.reason})
             else:
                 seed = -1 if item.seed is None else item.seed
                 rows.append({"source": item.source, "line": item.line, "prompt": item.prompt, "seed": seed,
-                             "samples": item.samples or 0, "reason": ""})
+                             "samples": item.samples or 0, "video": item.video or "", "reason": ""})
     except (ValueError, OSError) as err:
-        rows.append({"source": path, "line": 0, "prompt": "", "seed": -1, "samples": 0, "reason": str(err)})
+        rows.append({"source": path, "line": 0, "prompt": "", "seed": -1, "samples": 0, "video": "", "reason": str(err)})
     return rows
 
 
@@ -251,6 +262,11 @@ def normalise_prompt(prompt: str) -> str:
 def prompt_id(prompt: str, seed: int) -> str:
     """Stable 16-hex-digit id of (normalised prompt, seed): the same on every machine and run."""
     return hashlib.sha256(f"{normalise_prompt(prompt)}\x00{seed}".encode()).hexdigest()[:16]
+
+
+def video_id(prompt: str, video: str) -> str:
+    """Stable id of a captioned video: its normalised caption and where the clip is."""
+    return hashlib.sha256(f"{normalise_prompt(prompt)}\x00video:{video}".encode()).hexdigest()[:16]
 
 
 def noise_seed(row_id: str) -> int:

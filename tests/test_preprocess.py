@@ -117,3 +117,43 @@ def test_s3_in_and_out(ray_local, s3_server, tmp_path):
 def test_the_job_refuses_a_missing_prompt_file(ray_local, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.txt: no such file"):
         preprocess.run(_config(str(tmp_path / "nope.txt"), str(tmp_path / "out")))
+
+
+def test_captioned_videos_become_real_rows_beside_teacher_rows(ray_local, tmp_path):
+    from pipeline import toyworld
+    from pipeline.models.codec import PatchCodec, clips_to_video
+    from pipeline.video import write_mp4
+
+    world = toyworld.WorldConfig(object_size=8)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    captions = ["a red square moving left, fast", "a blue circle moving up, slow"]
+    clips = [toyworld.render(c, i, world) for i, c in enumerate(captions)]
+    for i, clip in enumerate(clips):
+        write_mp4(clip, videos / f"clip{i}.mp4")
+    write_mp4(clips[0][:5], videos / "short.mp4")
+    (videos / "broken.mp4").write_bytes(b"not a video")
+    (videos / "captions.jsonl").write_text(
+        "".join(f'{{"video": "clip{i}.mp4", "prompt": "{c}"}}\n' for i, c in enumerate(captions))
+        + '{"video": "short.mp4", "prompt": "short"}\n{"video": "broken.mp4", "prompt": "broken"}\n{"prompt": "no video"}\n'
+    )
+    (tmp_path / "p.txt").write_text("a green triangle moving down, fast\n")
+    cfg = _config(str(tmp_path / "p.txt"), str(tmp_path / "out"), **{
+        "model.teacher_arch": "toy-debug", "model.codec": "patch:4", "model.num_latent_frames": 9,
+        "model.latent_height": 8, "model.latent_width": 8, "method.gradient_num_blocks": 9, "data.videos": str(videos),
+    })
+    plan, written = preprocess.run(cfg)
+    assert written == 3
+    reasons = {(b.source.rsplit("/", 1)[-1], b.line): b.reason for b in plan.bad}
+    assert sorted(reasons) == [("captions.jsonl", 3), ("captions.jsonl", 4), ("captions.jsonl", 5)]
+    assert reasons[("captions.jsonl", 3)] == f"video {videos}/short.mp4: 5 frames of 32x32, the latents need 9 of 32x32"
+    assert reasons[("captions.jsonl", 4)].startswith(f"video {videos}/broken.mp4: cannot decode video")
+    assert reasons[("captions.jsonl", 5)] == "no 'video' field"
+    ds = data.read_dataset(cfg.data.output)
+    kinds = dict(zip(ds["prompt"], ds["kind"]))
+    assert kinds == {**{c: "real" for c in captions}, "a green triangle moving down, fast": "teacher"}
+    row = ds["prompt"].index(captions[1])
+    truth = PatchCodec(4).encode(clips_to_video(clips[1][None]))[0]
+    error = (ds["latent"][row] - truth).abs()  # H.264 4:4:4 at crf 12 is near-lossless: a few levels at edges
+    assert error.mean() < 0.01 and error.max() < 0.1
+    assert not ds["trajectory"][row].any()  # real rows carry no ODE trajectory
