@@ -190,6 +190,9 @@ class WorldConfig:
     border: int = 0
     border_first: float = 0.3
     border_last: float = 0.6
+    # Objects enter from the edge they move away from ("moving right" starts at the left margin), so a
+    # prompt fixes where its object is in every frame along the motion (only the other axis is random).
+    start_at_edge: bool = False
 
     def __post_init__(self) -> None:
         travel = self.fast_speed * (self.frames - 1) + self.object_size + self.size_jitter + 2 * (self.margin + self.border)
@@ -237,6 +240,9 @@ def _starts(direction: str, step: int, size: int, config: WorldConfig) -> np.nda
     m = config.margin + config.border
     tops = np.arange(m + max(0, -drow), config.height - m - size - max(0, drow) + 1)
     lefts = np.arange(m + max(0, -dcol), config.width - m - size - max(0, dcol) + 1)
+    if config.start_at_edge:  # the start along the motion is the one nearest the trailing edge
+        tops = tops[-1:] if drow < 0 else tops[:1] if drow > 0 else tops
+        lefts = lefts[-1:] if dcol < 0 else lefts[:1] if dcol > 0 else lefts
     return np.stack(np.meshgrid(tops, lefts, indexing="ij"), -1).reshape(-1, 2)
 
 

@@ -184,6 +184,17 @@ def test_one_pixel_streaks_on_the_edges_do_not_change_the_shape(shape):
     assert obj.shape == shape, obj.shape_scores
 
 
+def test_objects_can_enter_from_the_trailing_edge():
+    config = tw.WorldConfig(start_at_edge=True, border=2, object_size=10, max_objects=1)
+    for direction, axis, edge in (("right", 1, 3), ("left", 1, 32 - 3 - 10), ("down", 0, 3), ("up", 0, 32 - 3 - 10)):
+        starts = set()
+        for seed in range(6):
+            cover = _coverage(tw.render(f"a red square moving {direction}, slow", seed, config)[:1], "red", config)[0] > 0.99
+            rows, cols = np.nonzero(cover)
+            starts.add(((rows, cols)[axis].min(), (rows, cols)[1 - axis].min()))
+        assert {s[0] for s in starts} == {edge} and len({s[1] for s in starts}) > 1  # fixed along, random across
+
+
 def test_the_grader_ignores_the_clock_border():
     config = tw.WorldConfig(border=1, object_size=12, max_objects=1)
     prompts = SINGLE[::7]
