@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
-from actors.generator import GeneratorStage, clip_name
+from actors.generator import GeneratorStage
 from jobs.cli import run_main
 from jobs.preprocess import SHOWN_BAD_LINES, parse_prompt_files, ray_resources
 from pipeline import data

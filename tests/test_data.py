@@ -3,7 +3,6 @@ ids, tensor columns that keep shape and dtype, atomic shards, and readers that n
 
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

@@ -4,7 +4,6 @@ import json
 
 import fsspec
 import mlflow
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from scipy import ndimage
@@ -12,16 +11,20 @@ from scipy import ndimage
 from jobs.cli import parse
 from jobs.evaluate import extra_args, main
 from pipeline import toyworld
+from pipeline.config import load_config
 from pipeline.video import write_mp4
 
 PROMPTS = ["a red square moving left, fast", "a blue circle moving up, slow",
            "a yellow triangle moving right, fast", "a green circle moving down, slow"]
 
 
+WORLD = load_config("configs/toy_teacher.yaml").world  # the world run() grades in
+
+
 def write_set(directory, blur=0.0, manifest=True):
     rows = []
     for i, prompt in enumerate(PROMPTS):
-        clip = toyworld.render(prompt, i)
+        clip = toyworld.render(prompt, i, WORLD)
         if blur:
             clip = ndimage.gaussian_filter(clip, sigma=(0, blur, blur, 0))
         write_mp4(clip, directory / f"clip{i}.mp4")
@@ -31,7 +34,7 @@ def write_set(directory, blur=0.0, manifest=True):
 
 
 def run(*argv):
-    cfg, args = parse("test", ["--config", "configs/toy_teacher.yaml", "world.object_size=10", *argv], extra=extra_args)
+    cfg, args = parse("test", ["--config", "configs/toy_teacher.yaml", *argv], extra=extra_args)
     main(cfg, args)
 
 

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     gcs, dashboard = _free_port(), _free_port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    # A throwaway loopback cluster: no token authentication, so the CLI needs no token file.
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
     temp = tmp_path_factory.mktemp("ray")
     subprocess.run(
         ["ray", "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
@@ -41,7 +42,7 @@ def test_generate_through_ray_job_submit(ray_head, tmp_path):
         [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", ray_head, "--working-dir", str(REPO), "--",
          "python", "jobs/generate.py", "--checkpoint", str(checkpoint), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
          *overrides],
-        capture_output=True, text=True, timeout=420, cwd=REPO,
+        capture_output=True, text=True, timeout=420, cwd=REPO, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0 and "succeeded" in log, log[-3000:]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.flow import add_noise, x0_from_velocity
-from pipeline.rollout import draw_exit_steps, inference_schedule, iter_blocks, rollout, training_steps
+from pipeline.rollout import draw_exit_steps, inference_schedule, rollout, training_steps
 from tests.conftest import tiny_wan
 
 FRAMES, TEXT = 6, None
