@@ -4,6 +4,7 @@ head started with `ray start --head` on loopback (dashboard and job server inclu
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,12 +39,16 @@ def test_generate_through_ray_job_submit(ray_head, tmp_path):
     out = tmp_path / "videos"
     overrides = ["model.student_arch=toy-debug", "model.num_latent_frames=4", "model.latent_height=8", "model.latent_width=8",
                  "method.gradient_num_blocks=1", "method.shift=3.0", "tracking.tracking_uri=none"]
-    result = subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", ray_head, "--working-dir", str(REPO), "--",
-         "python", "jobs/generate.py", "--checkpoint", str(checkpoint), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
-         *overrides],
-        capture_output=True, text=True, timeout=420, cwd=REPO, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-    )
+    command = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", ray_head, "--working-dir", str(REPO), "--",
+               "python", "jobs/generate.py", "--checkpoint", str(checkpoint), "--prompts", str(tmp_path / "prompts.txt"),
+               "--out", str(out), *overrides]
+    deadline = time.time() + 90
+    while True:  # the head's job agent registers a few seconds after `ray start` returns
+        result = subprocess.run(command, capture_output=True, text=True, timeout=420, cwd=REPO,
+                                env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        if "No available agent" not in result.stdout + result.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
     log = result.stdout + result.stderr
     assert result.returncode == 0 and "succeeded" in log, log[-3000:]
     assert "skipped bad lines: 1" in log and "generated: 2 clips" in log, log[-3000:]
