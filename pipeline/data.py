@@ -300,11 +300,11 @@ _ARROW_STORAGE = {"float32": pa.float32(), "float16": pa.float16(), "float64": p
 
 def tensor_array(values: torch.Tensor | np.ndarray) -> tuple[pa.ExtensionArray, str]:
     """(B, *shape) values -> (fixed_shape_tensor array of B rows, torch dtype name)."""
-    tensor = torch.as_tensor(values).detach().cpu().contiguous()
+    tensor = torch.as_tensor(values)
     dtype = str(tensor.dtype).removeprefix("torch.")
     if dtype not in _ARROW_STORAGE:
         raise TypeError(f"tensor columns hold {sorted(_ARROW_STORAGE)}, got {dtype}")
-    flat = (tensor.view(torch.uint16) if dtype == "bfloat16" else tensor).numpy().reshape(len(tensor), -1)
+    flat = pack(tensor).reshape(len(tensor), -1)
     storage = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), _ARROW_STORAGE[dtype]), flat.shape[1])
     kind = pa.fixed_shape_tensor(_ARROW_STORAGE[dtype], list(tensor.shape[1:]))
     return pa.ExtensionArray.from_storage(kind, storage), dtype
