@@ -71,12 +71,58 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_server):
-    """One local Ray instance (2 CPUs, no dashboard) shared by every test that needs Ray. It starts after
-    the S3 server, so its workers inherit the AWS_* environment that points at it."""
+def ray_cluster(s3_server, tmp_path_factory):
+    """One real local Ray cluster for the whole session, started the way users start one: `ray start
+    --head` on loopback, dashboard and job server included (2 CPUs). It starts after the S3 server, so
+    its workers inherit the AWS_* environment that points at it. Token authentication is off: the
+    cluster is throwaway and loopback-only. Yields (GCS address, dashboard URL).
+
+    `--block` keeps `ray start` in the foreground, so stopping it stops this cluster's processes
+    only (`ray stop` would stop every Ray on the machine)."""
+    gcs, dashboard, agent = _free_port(), _free_port(), _free_port()
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
+    # Its own temp dir: the address file a head writes there (ray_current_cluster) would otherwise
+    # outlive it in /tmp/ray and send every later `ray.init()` on the machine to a dead cluster.
+    temp = tmp_path_factory.mktemp("ray")
+    log = temp / "ray-start.log"
+    with open(log, "w") as out:
+        head = subprocess.Popen(
+            ["ray", "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+             "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # for this process's drivers and CLI calls
+    try:
+        _wait_for_port(dashboard, head, log)
+        yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"ray start --head did not come up: {open(log).read()[-2000:]}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_cluster):
+    """This process as a driver of the session's Ray cluster, shared by every test that needs Ray."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address=ray_cluster[0], log_to_driver=False, configure_logging=False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
