@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
@@ -60,12 +61,8 @@ def plain_loop(cfg: Config) -> int:
     rows = plan.pending
     for start in range(0, len(rows), cfg.data.shard_rows):
         chunk = rows[start : start + cfg.data.shard_rows]
-        batch = {k: [r[k] for r in chunk] for k in ("id", "prompt", "seed", "kind")}
-        batch = teacher(encoder(batch))
-        data.write_shard(cfg.data.output, info, {
-            **batch, "text_embedding": data.unpack(batch["text_embedding"], "float32"),
-            "latent": data.unpack(batch["latent"], "float32"), "trajectory": data.unpack(batch["trajectory"], "float32"),
-        })
+        batch = {k: np.array([r[k] for r in chunk]) for k in ("id", "prompt", "seed", "kind", "source", "line")}
+        data.write_packed_batch(teacher(encoder(batch)), cfg.data.output, info)
     return len(rows)
 
 

@@ -21,7 +21,6 @@ import time
 from collections import Counter
 from typing import Any
 
-import numpy as np
 import ray
 from tqdm import tqdm
 
@@ -120,23 +119,6 @@ def _encode_negative(model: dict[str, Any], prompt: str) -> tuple[Any, str]:
     return data.pack(embedding), str(embedding.dtype).removeprefix("torch.")
 
 
-def _write_shard(batch: dict[str, Any], output: str, info: data.DatasetInfo) -> dict[str, Any]:
-    """Write the batch's usable rows as one shard; pass every row's id and `reason` (why it was not
-    written; empty when it was) back to the driver."""
-    reasons = batch.get("reason", np.full(len(batch["id"]), ""))
-    keep = np.flatnonzero(reasons == "")
-    if len(keep):
-        rows = {
-            "id": list(batch["id"][keep]), "prompt": list(batch["prompt"][keep]), "seed": list(batch["seed"][keep]),
-            "kind": list(batch["kind"][keep]),
-            "text_embedding": data.unpack(batch["text_embedding"][keep], info.text_embedding.dtype),
-            "latent": data.unpack(batch["latent"][keep], info.latent.dtype),
-            "trajectory": data.unpack(batch["trajectory"][keep], info.latent.dtype) if "trajectory" in batch and info.trajectory_timesteps else None,
-        }
-        data.write_shard(output, info, rows)
-    return {"id": batch["id"], "source": batch["source"], "line": batch["line"], "reason": reasons}
-
-
 def summary_lines(plan: Plan, written: int, seconds: float) -> list[str]:
     reasons = Counter(b.reason.split(" (")[0] for b in plan.bad)
     lines = [
@@ -211,7 +193,10 @@ def run(cfg: Config) -> tuple[Plan, int]:
     plan, written = merge(plans), 0
     with tqdm(total=len(plan.pending), desc="preprocess", unit="row") as progress:
         for _, rows in stages:
-            rows = rows.map_batches(_write_shard, fn_kwargs={"output": cfg.data.output, "info": info}, batch_size=cfg.data.shard_rows, num_cpus=0.1)
+            # Writing a shard is I/O: it reserves no CPU, so it never waits behind the model actors,
+            # which hold every core of a CPU-only node.
+            rows = rows.map_batches(data.write_packed_batch, fn_kwargs={"output": cfg.data.output, "info": info},
+                                    batch_size=cfg.data.shard_rows, num_cpus=0)
             for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
                 failed = batch["reason"] != ""
                 written += int((~failed).sum())

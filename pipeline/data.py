@@ -52,6 +52,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.storage import user_path
+
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 TENSOR_COLUMNS = ("text_embedding", "latent", "trajectory")
 DATASET_INFO = "_dataset.json"
@@ -86,11 +88,6 @@ class BadLine:
         return f"{self.source}:{self.line}: {self.reason}"
 
 
-def _join(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """Path as the user would write it (with the protocol for remote filesystems)."""
-    return fs.unstrip_protocol(path) if fs.protocol not in ("file", ("file", "local")) else path
-
-
 def list_files(spec: str, suffixes: tuple[str, ...] = PROMPT_SUFFIXES) -> list[str]:
     """Files named by `spec` (a file, a directory or a glob; local or URL), sorted, with a supported suffix."""
     fs, path = fsspec.core.url_to_fs(spec)
@@ -105,7 +102,7 @@ def list_files(spec: str, suffixes: tuple[str, ...] = PROMPT_SUFFIXES) -> list[s
     files = sorted(p for p in found if p.endswith(suffixes))
     if not files:
         raise FileNotFoundError(f"{spec}: no files ending in {', '.join(suffixes)}")
-    return [_join(fs, p) for p in files]
+    return [user_path(fs, p) for p in files]
 
 
 def read_prompt_file(path: str, max_chars: int) -> Iterator[PromptLine | BadLine]:
@@ -487,6 +484,21 @@ def write_shard(output: str, info: DatasetInfo, rows: dict[str, Any]) -> str:
     return f"{output.rstrip('/')}/{name}"
 
 
+def write_packed_batch(batch: dict[str, Any], output: str, info: DatasetInfo) -> dict[str, Any]:
+    """Write a batch as the model stages hand it on (tensor columns `pack`ed, an optional `reason` per
+    row saying why it has no tensors) as one shard of its usable rows. Returns every row's id, source,
+    line and reason (empty when written), for the driver's summary. The Ray Data writer stage."""
+    reasons = batch.get("reason", np.full(len(batch["id"]), ""))
+    keep = np.flatnonzero(reasons == "")
+    if len(keep):
+        rows = {k: list(batch[k][keep]) for k in ("id", "prompt", "seed", "kind")}
+        for column in info.tensor_columns:
+            if column in batch:
+                rows[column] = unpack(batch[column][keep], info.spec(column).dtype)
+        write_shard(output, info, rows)
+    return {"id": batch["id"], "source": batch["source"], "line": batch["line"], "reason": reasons}
+
+
 def shard_paths(output: str) -> list[str]:
     """The dataset's complete shards (temporary files of an interrupted run are not listed)."""
     fs, root = _fs(output)
@@ -494,7 +506,7 @@ def shard_paths(output: str) -> list[str]:
     if not fs.exists(root):
         return []
     names = sorted(p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
-    return [_join(fs, p) for p in names]
+    return [user_path(fs, p) for p in names]
 
 
 def written_ids(output: str) -> set[str]:
