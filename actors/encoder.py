@@ -56,7 +56,7 @@ class VideoEncoderStage:
 
     def encode(self, path: str) -> torch.Tensor:
         from pipeline.models.codec import clips_to_video
-        from pipeline.models.wan_weights import local_copy
+        from pipeline.storage import local_copy
         from pipeline.video import read_video
 
         with local_copy(path) as local:

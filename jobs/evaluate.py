@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import tempfile
 from pathlib import Path
 
 import fsspec
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from jobs.cli import run_main
 from pipeline import toyworld
 from pipeline.config import Config
+from pipeline.storage import local_copy
 from pipeline.video import read_video
 
 
@@ -71,15 +71,11 @@ def evaluate(video_dir: Path, prompts_file: str | None, world: toyworld.WorldCon
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
     out = Path(args.out)
-    with tempfile.TemporaryDirectory() as tmp:
-        fs, root = fsspec.core.url_to_fs(args.videos)
-        if not fs.isdir(root):
-            raise FileNotFoundError(f"video directory {args.videos} does not exist")
-        local = Path(root)
-        if "file" not in fs.protocol:
-            local = Path(tmp) / "videos"
-            fs.get(root.rstrip("/") + "/", str(local), recursive=True)
-        summary, rows = evaluate(local, args.prompts, cfg.world)
+    fs, root = fsspec.core.url_to_fs(args.videos)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"video directory {args.videos} does not exist")
+    with local_copy(args.videos) as local:
+        summary, rows = evaluate(Path(local), args.prompts, cfg.world)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(summary, indent=1))
     pq.write_table(pa.Table.from_pylist(rows), out / "clips.parquet")

@@ -29,8 +29,9 @@ from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.codec import PatchCodec, WanVAECodec, load_codec, video_to_clips
 from pipeline.models.loading import torch_dtype
 from pipeline.models.text import TextEncoder
-from pipeline.models.wan_weights import load_wan, local_copy
+from pipeline.models.wan_weights import load_wan
 from pipeline.rollout import inference_schedule, iter_blocks, rollout, training_steps
+from pipeline.storage import local_copy
 
 
 @dataclass

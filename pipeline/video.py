@@ -15,6 +15,8 @@ import av
 import fsspec
 import numpy as np
 
+from pipeline.storage import is_local
+
 
 def to_uint8(clip: np.ndarray) -> np.ndarray:
     if clip.dtype == np.uint8:
@@ -29,7 +31,7 @@ def write_mp4(clip: np.ndarray, path: str | Path, fps: int = 16, crf: int = 12) 
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"{path}: expected a clip (T, H, W, 3), got shape {frames.shape}")
     fs, target = fsspec.core.url_to_fs(str(path))
-    if "file" in fs.protocol or fs.protocol == "local":
+    if is_local(fs):
         _encode(frames, Path(target), fps, crf)
         return
     with tempfile.TemporaryDirectory(prefix="oneforce-mp4-") as tmp:

@@ -9,10 +9,7 @@ Layouts accepted by `load_wan` (local path or any fsspec URL such as s3://):
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -20,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.models.causal_wan import CausalWanModel
+from pipeline.storage import local_copy
 
 # diffusers WanTransformer3DModel configs of the released T2V models, and the tiny ones used in tests.
 WAN_CONFIGS: dict[str, dict[str, Any]] = {
@@ -180,25 +178,3 @@ def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sou
         shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
         raise ValueError(f"{source}: weights do not match the model: {shown}")
     model.load_state_dict(state_dict, strict=True)
-
-
-class local_copy:
-    """Context manager yielding a local path for `path`: itself if local, else a temporary download."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._tmp: tempfile.TemporaryDirectory | None = None
-
-    def __enter__(self) -> str:
-        fs, fs_path = fsspec.core.url_to_fs(self.path)
-        if "file" in fs.protocol or fs.protocol == "local":
-            return fs_path
-        self._tmp = tempfile.TemporaryDirectory(prefix="oneforce-")
-        target = os.path.join(self._tmp.name, Path(fs_path.rstrip("/")).name)
-        fs.get(fs_path, target, recursive=fs.isdir(fs_path))
-        return target
-
-    def __exit__(self, *exc: object) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
