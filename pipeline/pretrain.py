@@ -28,6 +28,10 @@ from pipeline.models.codec import PatchCodec, clips_to_video, load_codec, video_
 from pipeline.models.text import TextEncoder
 from pipeline.models.wan_weights import load_wan
 
+# The trained toy teacher shipped with the package (the command that reproduced it, its loss curve and
+# grade are in bench/RESULTS.md). Configs name it by its path from the repository root,
+# pipeline/assets/toy_teacher.
+SHIPPED_TEACHER = Path(__file__).parent / "assets" / "toy_teacher"
 
 @dataclass
 class SamplerSettings:
