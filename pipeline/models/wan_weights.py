@@ -158,12 +158,23 @@ def load_wan(
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.isdir(fs_path):
         with local_copy(path) as local:
-            return CausalWanModel.from_pretrained(local, torch_dtype=dtype)
+            return _own_memory(CausalWanModel.from_pretrained(local, torch_dtype=dtype))
     if config is None:
         raise ValueError(f"{path}: a single weights file needs a model config (one of {sorted(WAN_CONFIGS)})")
     model = CausalWanModel(**(WAN_CONFIGS[config] if isinstance(config, str) else config))
     load_strict(model, read_state_dict(path, entry), source=path)
     return model.to(dtype)
+
+
+def _own_memory(model: torch.nn.Module) -> torch.nn.Module:
+    """Copy each parameter out of the memory-mapped safetensors file diffusers loads it from. Tensors in
+    the map sit at 8-byte offsets, and CPU kernels take other (not bit-equal) paths on unaligned data:
+    without the copy a reloaded model's outputs differ from the saved model's in the last bits, and no
+    longer depend on the weights alone. The copy also frees the file (a temporary download) at once."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+    return model
 
 
 def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
