@@ -6,13 +6,14 @@ Both write a dataset from the same prompt file; the Ray side is timed end to end
 (plain, Ray, plain, Ray, ...) so machine noise hits both; the ratio of medians is printed.
 
     python bench/preprocess.py                        # 48 prompts, toy teacher arch, 25 steps, 2 rounds
-    python bench/preprocess.py --rows 96 --rounds 3 --teacher-actors 2
+    python bench/preprocess.py --rows 192 --rounds 1 --teacher-actors 2   # the recorded result
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 import statistics
 import tempfile
@@ -74,8 +75,10 @@ def main() -> None:
     parser.add_argument("--teacher-actors", type=int, default=1)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
-    prompts = work / "prompts.txt"
-    prompts.write_text("\n".join(toyworld.all_prompts(1)[: args.rows]) + "\n")
+    # Past the grammar's 96 single-object prompts, the same prompts again with the next seed (a new id).
+    grammar = toyworld.all_prompts(1)
+    prompts = work / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": grammar[i % len(grammar)], "seed": i // len(grammar)}) + "\n" for i in range(args.rows)))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     times: dict[str, list[float]] = {"plain": [], "ray": []}
