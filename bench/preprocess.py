@@ -6,7 +6,7 @@ Both write a dataset from the same prompt file; the Ray side is timed end to end
 (plain, Ray, plain, Ray, ...) so machine noise hits both; the ratio of medians is printed.
 
     python bench/preprocess.py                        # 48 prompts, toy teacher arch, 25 steps, 2 rounds
-    python bench/preprocess.py --rows 192 --rounds 1 --teacher-actors 2   # the recorded result
+    python bench/preprocess.py --rows 192 --teacher-actors 2   # the recorded result (2 rounds)
 """
 
 from __future__ import annotations
