@@ -45,29 +45,25 @@ def s3_server():
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint,
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        import boto3
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        try:
+            import boto3
 
-        deadline = time.time() + 30
-        while True:
-            try:
-                boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="oneforce-test")
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.2)
-        yield env
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            deadline = time.time() + 30
+            while True:
+                try:
+                    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="oneforce-test")
+                    break
+                except Exception:
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(0.2)
+            yield env
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -92,18 +88,14 @@ def ray_cluster(s3_server, tmp_path_factory):
              "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
             env=env, stdout=out, stderr=subprocess.STDOUT,
         )
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # for this process's drivers and CLI calls
-    try:
-        _wait_for_port(dashboard, head, log)
-        yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
-    finally:
-        head.terminate()
-        head.wait(timeout=60)
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "disabled")  # for this process's drivers and CLI calls
+        try:
+            _wait_for_port(dashboard, head, log)
+            yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
+        finally:
+            head.terminate()
+            head.wait(timeout=60)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log, timeout: float = 180) -> None:
