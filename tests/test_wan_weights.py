@@ -1,6 +1,7 @@
 """Original-Wan <-> diffusers key map against diffusers' own converter, and loading every layout."""
 
 import copy
+import logging
 
 import fsspec
 import pytest
@@ -73,3 +74,40 @@ def test_loads_diffusers_directory_from_s3(tmp_path, s3_server):
     fs.put(str(tmp_path / "transformer"), "oneforce-test/models/transformer", recursive=True)
     loaded = load_wan("s3://oneforce-test/models/transformer")
     assert torch.equal(_outputs(loaded), _outputs(model))
+
+
+def _dtypes(model):
+    return {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def test_single_file_and_directory_keep_the_same_modules_in_float32(tmp_path):
+    """diffusers' from_pretrained keeps `_keep_in_fp32_modules` (RoPE, time embedder, norms, modulation)
+    in fp32 under a bf16 torch_dtype; a single weights file must load to the same mixed precision."""
+    model = tiny_wan(seed=7)
+    model.save_pretrained(tmp_path / "transformer")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors")
+    from_dir = load_wan(str(tmp_path / "transformer"), dtype=torch.bfloat16)
+    from_file = load_wan(str(tmp_path / "w.safetensors"), config="tiny", dtype=torch.bfloat16)
+    dtypes = _dtypes(from_dir)
+    assert dtypes == _dtypes(from_file)
+    assert dtypes["rope.freqs_cos"] == dtypes["scale_shift_table"] == dtypes["blocks.0.norm2.weight"] == torch.float32
+    assert dtypes["blocks.0.attn1.to_q.weight"] == torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 4, 2, 8, 8, generator=g).bfloat16(), torch.randn(1, 5, 32, generator=g).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(from_dir(x, torch.tensor([500.0]), text).sample, from_file(x, torch.tensor([500.0]), text).sample)
+
+
+def test_float32_load_does_not_warn_about_float32_modules(tmp_path, caplog):
+    # diffusers' loggers do not propagate to the root logger: listen on its library logger directly.
+    model = tiny_wan(seed=8)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors")
+    model.save_pretrained(tmp_path / "transformer")
+    library_logger = logging.getLogger("diffusers")
+    library_logger.addHandler(caplog.handler)
+    try:
+        load_wan(str(tmp_path / "w.safetensors"), config="tiny")
+        load_wan(str(tmp_path / "transformer"))
+    finally:
+        library_logger.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if "kept in float32" in r.getMessage()]

@@ -153,7 +153,8 @@ def load_wan(
     """A `CausalWanModel` from a diffusers directory or a single checkpoint file (local or fsspec URL).
 
     A directory carries its own config; a single file needs `config` (a name in `WAN_CONFIGS` or a dict).
-    Every missing, unexpected or mis-shaped key is named in the error.
+    Every missing, unexpected or mis-shaped key is named in the error. Both layouts cast to `dtype` the
+    same way: diffusers' `_keep_in_fp32_modules` (RoPE, time embedder, norms, modulation) stay float32.
     """
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.isdir(fs_path):
@@ -163,7 +164,19 @@ def load_wan(
         raise ValueError(f"{path}: a single weights file needs a model config (one of {sorted(WAN_CONFIGS)})")
     model = CausalWanModel(**(WAN_CONFIGS[config] if isinstance(config, str) else config))
     load_strict(model, read_state_dict(path, entry), source=path)
-    return model.to(dtype)
+    return _cast_like_from_pretrained(model, dtype)
+
+
+def _cast_like_from_pretrained(model: CausalWanModel, dtype: torch.dtype) -> CausalWanModel:
+    """Cast floating tensors to `dtype` except those of the class's `_keep_in_fp32_modules`, with the rule
+    diffusers' from_pretrained applies (a module name equal to one dotted component of the tensor name).
+    `model.to(dtype)` would cast those too, and logs a warning for every dtype, float32 included."""
+    keep = set(type(model)._keep_in_fp32_modules or ())
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
+    return model
 
 
 def _own_memory(model: torch.nn.Module) -> torch.nn.Module:
