@@ -1,14 +1,22 @@
 """GAN heads on critic features, and the critic: one Wan trunk serving the fake score and the logits.
 
-One-Forcing's discriminator: at chosen critic layers a learned register token cross-attends over all
-video tokens of that layer, then an FFN; the register outputs of all taps are concatenated ->
-LayerNorm -> Linear -> SiLU -> Linear -> one logit per sample. The trunk is shared with score matching,
-so one critic forward gives both the velocity (fake score) and the logits.
+One-Forcing's discriminator (DESIGN §3). At each tapped critic layer (the full token sequence after that
+block) a learned register token, RMS-normed, is the single query of a cross-attention over the layer's
+LayerNorm'd tokens: `q = RMSNorm(W_q r)`, `k = RMSNorm(W_k x)`, `v = W_v x`, multi-head, no RoPE, no mask,
+output projection W_o, residual onto the register; then a residual FFN (Linear -> GELU(tanh) -> Linear)
+on a non-affine LayerNorm. The registers of all taps are concatenated -> LayerNorm -> Linear(n·D -> D)
+-> SiLU -> Linear -> one logit per sample. The trunk is shared with score matching, so one critic
+forward gives both the velocity (fake score) and the logits.
+
+Two options beyond the paper's head, both off by default: `num_registers > 1` (several registers per
+tap, each an independent single query; all are concatenated) and `timestep_conditioning` (the timestep
+embedding is added to the register before its RMSNorm).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
@@ -18,29 +26,49 @@ from pipeline.models.causal_wan import CausalWanModel
 
 
 class RegisterTap(nn.Module):
-    """Registers (R, D) cross-attend over one layer's tokens (B, L, D), then a residual FFN."""
+    """Learned registers (R, D) cross-attend over one layer's tokens (B, L, D), then a residual FFN."""
 
     def __init__(self, dim: int, num_registers: int, num_heads: int, ffn_dim: int) -> None:
         super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"feature dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
         self.registers = nn.Parameter(torch.randn(num_registers, dim) / dim**0.5)
-        self.norm_tokens = nn.LayerNorm(dim)
-        self.norm_query = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
-        self.norm_ffn = nn.LayerNorm(dim)
+        self.norm_registers = nn.RMSNorm(dim, eps=1e-6)
+        self.norm_tokens = nn.LayerNorm(dim, eps=1e-6)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        # q/k norms over the full width (not per head), as in Wan's own attention
+        self.norm_q = nn.RMSNorm(dim, eps=1e-6)
+        self.norm_k = nn.RMSNorm(dim, eps=1e-6)
+        self.norm_ffn = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
 
-    def forward(self, tokens: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
-        query = self.registers.expand(tokens.shape[0], -1, -1)
-        if condition is not None:  # timestep conditioning: shift the registers by the timestep embedding
-            query = query + condition[:, None, :]
+    def forward(self, tokens: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, L, D), condition (B, D) or None -> registers (B, R, D)."""
+        batch, length, dim = tokens.shape
+        registers = self.registers.expand(batch, -1, -1)  # (B, R, D)
+        if condition is not None:  # shift before the norm, so the query keeps the register's scale
+            registers = registers + condition[:, None, :]
+        registers = self.norm_registers(registers)
         context = self.norm_tokens(tokens)
-        attended, _ = self.attn(self.norm_query(query), context, context, need_weights=False)
-        query = query + attended
-        return query + self.ffn(self.norm_ffn(query))  # (B, R, D)
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        q = self.norm_q(self.to_q(registers)).view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, h, R, d)
+        k = self.norm_k(self.to_k(context)).view(batch, length, heads, head_dim).transpose(1, 2)  # (B, h, L, d)
+        v = self.to_v(context).view(batch, length, heads, head_dim).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, -1, dim)
+        registers = registers + self.to_out(attended)
+        return registers + self.ffn(self.norm_ffn(registers))
 
 
 class GANHeads(ModelMixin, ConfigMixin):
-    """Discriminator heads: `forward(features, timestep)` -> (B,) logits, one feature map per tap."""
+    """Discriminator heads: `forward(features, timestep)` -> (B,) logits, one feature map per tap.
+
+    `hidden_dim` is the width of the final MLP; None (the default) means the feature dim D, as in the
+    paper's head.
+    """
 
     @register_to_config
     def __init__(
@@ -50,7 +78,7 @@ class GANHeads(ModelMixin, ConfigMixin):
         num_registers: int = 1,
         num_heads: int = 12,
         ffn_dim: int = 2048,
-        hidden_dim: int = 2048,
+        hidden_dim: int | None = None,
         timestep_conditioning: bool = False,
         freq_dim: int = 256,
     ) -> None:
@@ -61,8 +89,9 @@ class GANHeads(ModelMixin, ConfigMixin):
         self.time_proj = Timesteps(freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedder = TimestepEmbedding(freq_dim, feature_dim) if timestep_conditioning else None
         width = num_taps * num_registers * feature_dim
+        hidden = feature_dim if hidden_dim is None else hidden_dim
         self.head = nn.Sequential(
-            nn.LayerNorm(width), nn.Linear(width, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1)
+            nn.LayerNorm(width, eps=1e-5), nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, 1)
         )
 
     def forward(self, features: list[torch.Tensor], timestep: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,7 +108,11 @@ class GANHeads(ModelMixin, ConfigMixin):
 
 
 class Critic(nn.Module):
-    """The fake score (a bidirectional Wan trunk) and the GAN heads, trained together by one optimiser."""
+    """The fake score (a bidirectional Wan trunk) and the GAN heads, trained together by one optimiser.
+
+    For the generator's feedback pass freeze it (`requires_grad_(False)`): gradients then reach only the
+    sample, which is what a ZeRO-wrapped critic needs (DESIGN §4). Unfreeze for the critic update.
+    """
 
     def __init__(self, trunk: CausalWanModel, heads: GANHeads, feature_layers: list[int]) -> None:
         super().__init__()
@@ -105,6 +138,6 @@ class Critic(nn.Module):
 
 
 def build_gan_heads(trunk: CausalWanModel, feature_layers: list[int], **kwargs) -> GANHeads:
-    """Heads sized for `trunk` (feature dim = its inner dim)."""
+    """Heads sized for `trunk` (feature dim = its inner dim); kwargs are GANHeads' remaining arguments."""
     dim = trunk.config.num_attention_heads * trunk.config.attention_head_dim
     return GANHeads(feature_dim=dim, num_taps=len(feature_layers), **kwargs)
