@@ -2,9 +2,10 @@
 
 The generator's update is expressed as a gradient *on the sample* x0: the DMD term comes from the
 teacher and the critic's scores, the GAN term from the critic's heads, and the worker applies
-`x0.backward(dmd_gradient + gan_gradient)`. That is what lets the teacher and critic live behind actor
-boundaries: each returns a tensor shaped like x0. Every `*_gradient` here is exactly the autograd
-gradient of the matching `*_loss` (tests check this).
+`x0.backward((dmd_gradient + gan_gradient).to(x0.dtype))` (the DMD term is fp32, so the sum is formed in
+fp32 and cast once). That is what lets the teacher and critic live behind actor boundaries: each returns
+a tensor shaped like x0. Every `*_gradient` here is the autograd gradient of the matching `*_loss`
+(tests check this). The critic's regularisers are finite-difference R1 (real) and R2 (fake) penalties.
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ def frame_mask(x0: torch.Tensor, first_frame: int) -> torch.Tensor:
 
 
 def dmd_direction(x0: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
-    """(x0_fake - x0_real) / mean|x0 - x0_real|, the normaliser per sample over (C, F, H, W); fp32.
-    A zero normaliser gives non-finite entries; nan_to_num keeps them finite (the step's gradient
-    clipping then bounds them), as the reference implementations do."""
+    """(x0_fake - x0_real) / max(mean|x0 - x0_real|, 1e-6), the normaliser per sample over (C, F, H, W),
+    then nan_to_num; always fp32 whatever the inputs' dtype.
+
+    The clamp matters: an unclamped zero normaliser (x0 == x0_real) gives inf, which nan_to_num turns
+    into ~3.4e38, and the step's gradient clipping then scales every other gradient to zero.
+    """
     x0, x0_fake, x0_real = x0.float(), x0_fake.float(), x0_real.float()
-    normaliser = (x0 - x0_real).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
+    normaliser = (x0 - x0_real).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True).clamp_min(1e-6)
     return torch.nan_to_num((x0_fake - x0_real) / normaliser)
 
 
@@ -46,9 +50,13 @@ def dmd_loss(x0: torch.Tensor, direction: torch.Tensor, first_frame: int = 0) ->
 
 
 def dmd_gradient(x0: torch.Tensor, direction: torch.Tensor, first_frame: int = 0) -> torch.Tensor:
-    """d dmd_loss / d x0 in closed form: the direction on grad frames, divided by their element count."""
+    """d dmd_loss / d x0 in closed form: the direction on grad frames, divided by their element count.
+
+    fp32, not x0's dtype: the combined sample gradient is summed in fp32 and the caller casts once, at
+    backward time, so a bf16 student does not round each term separately.
+    """
     mask = frame_mask(x0, first_frame)
-    return (direction * mask / (mask.sum() * x0[:, :, :1].numel())).to(x0.dtype)
+    return direction.float() * mask / (mask.sum() * x0[:, :, :1].numel())
 
 
 def real_x0(x0_cond: torch.Tensor, x0_uncond: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -83,12 +91,38 @@ def gan_discriminator_loss(
 
 
 def finite_difference_penalty(
-    logits: LogitsFn, x: torch.Tensor, sigma: float, generator: torch.Generator | None = None
+    logits: LogitsFn,
+    x: torch.Tensor,
+    sigma: float,
+    generator: torch.Generator | None = None,
+    divide_by_sigma: bool = False,
 ) -> torch.Tensor:
-    """Approximate R1 (on real x) or R2 (on fake x) without double backprop: mean (D(x + sigma e) - D(x))^2.
-    As in APT / One-Forcing the squared change is not divided by sigma^2: the weight absorbs the scale."""
+    """mean(d^2) with d = D(x + sigma e) - D(x), e ~ N(0, I), or d / sigma when `divide_by_sigma`.
+
+    A gradient penalty without double backprop: for small sigma, E[(d / sigma)^2] ~ |grad_x D|^2.
+    One-Forcing uses both forms (see r1_penalty and r2_penalty).
+    """
     eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    return ((logits(x + sigma * eps).float() - logits(x).float()) ** 2).mean()
+    change = logits(x + sigma * eps).float() - logits(x).float()
+    if divide_by_sigma:
+        change = change / sigma
+    return (change**2).mean()
+
+
+def r1_penalty(
+    logits: LogitsFn, x_real: torch.Tensor, sigma: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """R1 on real samples as One-Forcing has it: mean((D(x_r + sigma e) - D(x_r))^2), *not* divided by
+    sigma (the weight absorbs the sigma^2 scale). Add `r1_weight * r1_penalty(...)` to the critic loss."""
+    return finite_difference_penalty(logits, x_real, sigma, generator, divide_by_sigma=False)
+
+
+def r2_penalty(
+    logits: LogitsFn, x_fake: torch.Tensor, sigma: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """R2 on fake samples as One-Forcing has it: 0.5 * mean(((D(x_f + sigma e) - D(x_f)) / sigma)^2),
+    divided by sigma and already carrying the 0.5. Add `r2_weight * r2_penalty(...)` to the critic loss."""
+    return 0.5 * finite_difference_penalty(logits, x_fake, sigma, generator, divide_by_sigma=True)
 
 
 def gan_generator_gradient(
@@ -102,7 +136,9 @@ def gan_generator_gradient(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d [weight * gan_generator_loss(D(noise(x0, t)))] / d x0, the unweighted loss).
 
-    `logits` must not accumulate parameter gradients (freeze the critic: see DESIGN §4 on ZeRO hooks).
+    Differentiates with respect to the sample only (torch.autograd.grad), so no parameter's `.grad` is
+    touched even through a trainable critic; a ZeRO-wrapped critic must still be frozen
+    (`requires_grad_(False)`), because its gradient hooks fire during the backward (DESIGN §4).
     """
     sample = x0.detach().requires_grad_(True)
     with torch.enable_grad():
