@@ -96,33 +96,32 @@ def finite_difference_penalty(
     sigma: float,
     generator: torch.Generator | None = None,
     divide_by_sigma: bool = False,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """mean(d^2) with d = D(x + sigma e) - D(x), e ~ N(0, I), or d / sigma when `divide_by_sigma`.
+    """mean(d^2) with d = D(x + sigma e) - D(x), or d / sigma when `divide_by_sigma`.
 
     A gradient penalty without double backprop: for small sigma, E[(d / sigma)^2] ~ |grad_x D|^2.
-    One-Forcing uses both forms (see r1_penalty and r2_penalty).
+    `e` is `noise` when given (training draws it per sample, for determinism), else N(0, I) from
+    `generator`. One-Forcing uses both forms: see r1_penalty and r2_penalty.
     """
-    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    change = logits(x + sigma * eps).float() - logits(x).float()
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    change = logits(x + sigma * noise).float() - logits(x).float()
     if divide_by_sigma:
         change = change / sigma
     return (change**2).mean()
 
 
-def r1_penalty(
-    logits: LogitsFn, x_real: torch.Tensor, sigma: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """R1 on real samples as One-Forcing has it: mean((D(x_r + sigma e) - D(x_r))^2), *not* divided by
-    sigma (the weight absorbs the sigma^2 scale). Add `r1_weight * r1_penalty(...)` to the critic loss."""
-    return finite_difference_penalty(logits, x_real, sigma, generator, divide_by_sigma=False)
+def r1_penalty(logits: LogitsFn, x_real: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """R1 on (noised) real samples as One-Forcing has it: mean((D(x_r + sigma e) - D(x_r))^2), *not*
+    divided by sigma (the weight absorbs the sigma^2). The critic loss adds `r1_weight * r1_penalty`."""
+    return finite_difference_penalty(logits, x_real, sigma, noise=noise)
 
 
-def r2_penalty(
-    logits: LogitsFn, x_fake: torch.Tensor, sigma: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """R2 on fake samples as One-Forcing has it: 0.5 * mean(((D(x_f + sigma e) - D(x_f)) / sigma)^2),
-    divided by sigma and already carrying the 0.5. Add `r2_weight * r2_penalty(...)` to the critic loss."""
-    return 0.5 * finite_difference_penalty(logits, x_fake, sigma, generator, divide_by_sigma=True)
+def r2_penalty(logits: LogitsFn, x_fake: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """R2 on (noised) fake samples as One-Forcing has it: mean(((D(x_f + sigma e) - D(x_f)) / sigma)^2),
+    divided by sigma. The 0.5 is the caller's: the critic loss adds `0.5 * r2_weight * r2_penalty`."""
+    return finite_difference_penalty(logits, x_fake, sigma, divide_by_sigma=True, noise=noise)
 
 
 def gan_generator_gradient(

@@ -206,28 +206,26 @@ def test_combined_sample_gradient_equals_backward_of_summed_losses():
 
 def test_r1_and_r2_closed_form_for_linear_discriminator():
     """D(x) = x.w, so D(x + sigma e) - D(x) = sigma e.w exactly: R1 = mean((sigma e.w)^2) (scales with
-    sigma^2), R2 = 0.5 mean((e.w)^2) (independent of sigma). Checked against the same e, and in
-    expectation: E[R1] = sigma^2 |w|^2, E[R2] = 0.5 |w|^2."""
+    sigma^2), R2 = mean((e.w)^2) (independent of sigma). Exact for the given e, and in expectation:
+    E[R1] = sigma^2 |w|^2, E[R2] = |w|^2."""
     w = torch.tensor([0.5, -2.0, 1.0])
     x = torch.randn(50000, 3, generator=torch.Generator().manual_seed(0))
-    e = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))  # the draw the penalty makes
+    e = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
 
     def logits(y):
         return y @ w
 
     for sigma in (0.1, 0.01):
-        r1 = r1_penalty(logits, x, sigma, generator=torch.Generator().manual_seed(1))
-        r2 = r2_penalty(logits, x, sigma, generator=torch.Generator().manual_seed(1))
+        r1, r2 = r1_penalty(logits, x, e, sigma), r2_penalty(logits, x, e, sigma)
         assert r1.item() == pytest.approx(((sigma * e @ w) ** 2).mean().item(), rel=1e-3)
-        assert r2.item() == pytest.approx(0.5 * ((e @ w) ** 2).mean().item(), rel=1e-2)  # fp32 cancellation
+        assert r2.item() == pytest.approx(((e @ w) ** 2).mean().item(), rel=1e-3)
         assert r1.item() == pytest.approx(sigma**2 * (w @ w).item(), rel=0.03)
-        assert r2.item() == pytest.approx(0.5 * (w @ w).item(), rel=0.03)
-    # the primitive: R1 is the undivided form, R2 half the divided one
-    fd = finite_difference_penalty(logits, x, 0.1, torch.Generator().manual_seed(1), divide_by_sigma=True)
-    assert fd.item() == pytest.approx(2 * r2_penalty(logits, x, 0.1, torch.Generator().manual_seed(1)).item())
-    assert finite_difference_penalty(logits, x, 0.1, torch.Generator().manual_seed(1)).item() == pytest.approx(
-        r1_penalty(logits, x, 0.1, torch.Generator().manual_seed(1)).item()
-    )
+        assert r2.item() == pytest.approx((w @ w).item(), rel=0.03)
+    # the primitive: given noise or drawn from a generator; R1 undivided, R2 divided
+    drawn = finite_difference_penalty(logits, x, 0.1, torch.Generator().manual_seed(1))
+    assert drawn.item() == pytest.approx(r1_penalty(logits, x, e, 0.1).item())
+    divided = finite_difference_penalty(logits, x, 0.1, torch.Generator().manual_seed(1), divide_by_sigma=True)
+    assert divided.item() == pytest.approx(r2_penalty(logits, x, e, 0.1).item())
 
 
 def _posterior_x0(x_t, s, mean, cov):
