@@ -122,3 +122,30 @@ def test_gradient_num_blocks_only_last_blocks_carry_grad():
     early = rollout(model, noise, text, steps, 1, gradient_num_blocks=1).x0[:, :, :2]
     grads = torch.autograd.grad(early.sum(), list(model.parameters()), allow_unused=True)
     assert all(g is None or not g.any() for g in grads)
+
+
+class GradRecordingModel(CountingModel):
+    """Records, per call, the timestep and whether autograd was recording."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.log: list[tuple[float, bool, bool]] = []  # (t, grad enabled, cache write)
+
+    def forward(self, x, t, text, **kwargs):
+        self.log.append((float(t[0]), torch.is_grad_enabled(), kwargs.get("update_cache", False)))
+        return super().forward(x, t, text, **kwargs)
+
+
+def test_only_the_exit_step_of_grad_blocks_builds_a_graph():
+    model = GradRecordingModel(tiny_wan())
+    noise, text = _noise_and_text(frames=3)
+    four = training_steps([1000, 750, 500, 250], 5.0, warp=True)
+    out = rollout(model, noise, text, [four] * 3, 1, exit_steps=[2, 2, 2], gradient_num_blocks=2,
+                  generator=torch.Generator().manual_seed(1))
+    # per block: steps 0, 1, 2 (the exit), then a cache write at t = 0 after blocks 0 and 1
+    block, write = [*four[:3], 0.0], [False, False, False, True]
+    assert [t for t, _, _ in model.log] == pytest.approx(block * 2 + block[:3])
+    assert [w for _, _, w in model.log] == write * 2 + write[:3]
+    graph_calls = [i for i, (_, grad, _) in enumerate(model.log) if grad]
+    assert graph_calls == [6, 10]  # the exit steps of blocks 1 and 2, nothing else
+    assert out.first_grad_frame == 1 and out.x0.requires_grad
