@@ -37,7 +37,9 @@ class KVCache:
 
     Tensors are (B, tokens, heads, head_dim), RoPE already applied to K. Appending builds new tensors
     (torch.cat) rather than writing in place, so a forward that captured the cache earlier (e.g. for
-    gradient-checkpoint recompute) still sees the K/V it was computed with.
+    gradient-checkpoint recompute) still sees the K/V it was computed with. The text K/V are filled and
+    reused only by forwards without grad: a forward with grad computes its own, so the text embedder and
+    the cross-attention K/V projections get gradients.
     """
 
     self_kv: list[tuple[torch.Tensor, torch.Tensor] | None]
@@ -67,7 +69,9 @@ class _AttentionCall:
     first_visible: torch.Tensor | None = None  # (L,) earliest frame each token may see (sliding window)
     past_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     new_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # filled when writing the cache
-    text_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # read/filled text K/V
+    # The cache's text K/V, read and filled in place; None (compute them afresh) when the forward carries
+    # grad, whose cached copy would have no graph and whose own copy must not outlive the step.
+    text_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -205,7 +209,8 @@ class CausalWanModel(WanTransformer3DModel):
         frame_offset = kv_cache.num_frames if kv_cache is not None else 0
         sample, features = self._run(hidden_states, timestep, encoder_hidden_states, call, frame_offset, feature_layers)
         if kv_cache is not None:
-            kv_cache.text_kv = call.text_kv
+            if call.text_kv is not None:
+                kv_cache.text_kv = call.text_kv
             if update_cache:
                 kv_cache.self_kv = [
                     new if old is None else (torch.cat([old[0], new[0]], 1), torch.cat([old[1], new[1]], 1))
@@ -227,7 +232,9 @@ class CausalWanModel(WanTransformer3DModel):
             if frames_per_block is not None or window_frames is not None:
                 raise ValueError("pass either kv_cache (one block at a time) or frames_per_block, not both")
             new_kv = [None] * len(self.blocks) if update_cache else None
-            return _AttentionCall(past_kv=list(kv_cache.self_kv), new_kv=new_kv, text_kv=list(kv_cache.text_kv))
+            # Decided once here, outside any checkpoint, so a recompute runs the same ops as the forward.
+            text_kv = None if torch.is_grad_enabled() else list(kv_cache.text_kv)
+            return _AttentionCall(past_kv=list(kv_cache.self_kv), new_kv=new_kv, text_kv=text_kv)
         if update_cache:
             raise ValueError("update_cache=True needs a kv_cache")
         p_t = self.config.patch_size[0]
