@@ -1,8 +1,11 @@
 """CausalWanModel against independent references: diffusers' own Wan model, and recompute without cache."""
 
+import threading
+
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from pipeline.models.wan_weights import WAN_CONFIGS
 from tests.conftest import tiny_wan
@@ -129,3 +132,67 @@ def test_modes_that_cannot_combine_are_rejected():
         model(x, t, text, frames_per_block=1, update_cache=True)
     with pytest.raises(ValueError, match="do not split"):
         model(x, t, text, frames_per_block=4)
+
+
+def _cached_second_block(model, x, t, text):
+    cache = model.new_kv_cache()
+    model(x[:, :, :1], t, text, kv_cache=cache, update_cache=True)
+    return model(x[:, :, 1:2], t, text, kv_cache=cache).sample
+
+
+@torch.no_grad()
+def test_concurrent_forwards_from_threads_do_not_share_attention_context():
+    """An actor may serve calls from several threads on one model. Each forward's causal context is its
+    own: two different forwards that overlap inside the same attention layer give their serial results."""
+    model = tiny_wan()
+    x_a, t_a, text_a = inputs(batch=1, frames=2, seed=2)
+    x_b, t_b, text_b = inputs(batch=1, frames=6, seed=3)
+    calls = {
+        "cached": lambda: _cached_second_block(model, x_a, t_a, text_a),
+        "block_causal": lambda: model(x_b, t_b, text_b, frames_per_block=1).sample,
+    }
+    serial = {name: call() for name, call in calls.items()}
+    # Make both threads meet inside layer 0's self-attention (between the processor's start and its
+    # attention), so each is mid-forward while the other runs; once per thread.
+    meet, met = threading.Barrier(2, timeout=30), set()
+
+    def rendezvous(module, args):
+        if threading.get_ident() not in met:
+            met.add(threading.get_ident())
+            meet.wait()
+
+    hook = model.blocks[0].attn1.to_k.register_forward_pre_hook(rendezvous)
+    results, errors = {}, []
+
+    def run(name):
+        try:
+            results[name] = calls[name]()
+        except Exception as error:  # reported below with the thread's name
+            errors.append(f"{name}: {error!r}")
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in calls]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        hook.remove()
+    assert not errors, errors
+    for name in calls:
+        assert torch.equal(results[name], serial[name]), name
+
+
+def test_replaced_processors_fail_loudly_in_causal_modes():
+    model = tiny_wan()
+    x, t, text = inputs()
+    model.set_attn_processor(WanAttnProcessor())
+    model(x, t, text)  # bidirectional needs nothing of ours
+    with pytest.raises(RuntimeError, match="set_attn_processor"):
+        model(x, t, text, frames_per_block=1)
+    with pytest.raises(RuntimeError, match="set_attn_processor"):
+        model(x[:, :, :1], t, text, kv_cache=model.new_kv_cache())
+    model.install_causal_processors()
+    with torch.no_grad():
+        restored, fresh = (m(x, t, text, frames_per_block=1).sample for m in (model, tiny_wan()))
+        assert torch.equal(restored, fresh)

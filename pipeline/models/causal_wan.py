@@ -15,6 +15,11 @@ With a cache, the current block's queries attend to [cached K/V ; current K/V] a
 block's absolute frame position, so generating block by block equals the block-causal full forward.
 `timestep` may be per sample (B,) or per latent frame (B, F).
 
+The mode of a forward reaches the processors through a context variable set around each transformer block,
+not through attributes on the processors: one model can serve forwards from several threads at once, and
+a gradient-checkpoint recompute sees the context of the forward it recomputes. The processors must be
+ours: after `set_attn_processor` the causal and cached modes raise until `install_causal_processors()`.
+
 Dropped relative to the parent: image conditioning (I2V) in the causal and cached modes, and context
 parallelism (`_cp_plan`) in those modes; both raise or are unused rather than silently ignored.
 """
@@ -22,6 +27,7 @@ parallelism (`_cp_plan`) in those modes; both raise or are unused rather than si
 from __future__ import annotations
 
 import inspect
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +80,11 @@ class _AttentionCall:
     text_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
 
+# The `_AttentionCall` of the transformer block running in this thread (None: bidirectional). Set per
+# block by `CausalWanModel._run_block`, so a checkpoint recompute during backward sets it again.
+_CURRENT_CALL: ContextVar[_AttentionCall | None] = ContextVar("causal_wan_attention_call", default=None)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Wan's interleaved RoPE (pairs (0,1), (2,3), ...); identical to diffusers' WanAttnProcessor."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
@@ -84,6 +95,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return out.type_as(x)
 
 
+def _key_value(attn: WanAttention, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, heads, head_dim) K and V of `source`, K normed as diffusers does."""
+    key = attn.norm_k(attn.to_k(source)).unflatten(2, (attn.heads, -1))
+    value = attn.to_v(source).unflatten(2, (attn.heads, -1))
+    return key, value
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """(B, L, H, D) layout in and out, like diffusers' dispatch_attention_fn."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
@@ -91,16 +109,15 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 
 class CausalWanAttnProcessor:
-    """Self- or cross-attention processor for one layer that is aware of the current `_AttentionCall`.
+    """Self- or cross-attention processor for one layer that reads the current `_AttentionCall`.
 
     With no call context it defers to diffusers' own `WanAttnProcessor`, so the bidirectional model is
-    exactly diffusers' model.
+    exactly diffusers' model. It holds no per-call state: only which layer and which attention it serves.
     """
 
     def __init__(self, layer: int, cross: bool) -> None:
         self.layer = layer
         self.cross = cross
-        self.call: _AttentionCall | None = None
         self._diffusers = WanAttnProcessor()
 
     def __call__(
@@ -111,33 +128,35 @@ class CausalWanAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if self.call is None:
+        call = _CURRENT_CALL.get()
+        if call is None:
             return self._diffusers(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if attn.add_k_proj is not None:
             raise NotImplementedError("image conditioning (I2V) is not supported in causal or cached mode")
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        key, value = self._key_value(attn, hidden_states if not self.cross else encoder_hidden_states)
         if self.cross:
+            key, value = self._text_key_value(attn, encoder_hidden_states, call.text_kv)
             out = _attend(query, key, value, None)
         else:
+            key, value = _key_value(attn, hidden_states)
             query = _rotate(query, *rotary_emb)
             key = _rotate(key, *rotary_emb)
-            out = self._self_attention(query, key, value)
+            out = self._self_attention(call, query, key, value)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
-    def _key_value(self, attn: WanAttention, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        text_kv = self.call.text_kv
-        if self.cross and text_kv is not None and text_kv[self.layer] is not None:
-            return text_kv[self.layer]  # the prompt's K/V are computed once per cache
-        key = attn.norm_k(attn.to_k(source)).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(source).unflatten(2, (attn.heads, -1))
-        if self.cross and text_kv is not None:
-            text_kv[self.layer] = (key, value)
-        return key, value
+    def _text_key_value(
+        self, attn: WanAttention, text: torch.Tensor, cached: list[tuple[torch.Tensor, torch.Tensor] | None] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if cached is None:  # a forward with grad: its own K/V, with their graph
+            return _key_value(attn, text)
+        if cached[self.layer] is None:  # the prompt's K/V are computed once per cache
+            cached[self.layer] = _key_value(attn, text)
+        return cached[self.layer]
 
-    def _self_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        call = self.call
+    def _self_attention(
+        self, call: _AttentionCall, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
         if call.new_kv is not None:
             call.new_kv[self.layer] = (key, value)
         past = call.past_kv[self.layer] if call.past_kv else None
@@ -162,15 +181,29 @@ class CausalWanModel(WanTransformer3DModel):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._install_processors()
+        self.install_causal_processors()
 
     # diffusers reads a model's config keys off its __init__ signature: expose the parent's.
     __init__.__signature__ = inspect.signature(WanTransformer3DModel.__init__)
 
-    def _install_processors(self) -> None:
+    def install_causal_processors(self) -> None:
+        """Put our processors back (e.g. after `set_attn_processor`); the causal modes need them."""
         for i, block in enumerate(self.blocks):
             block.attn1.set_processor(CausalWanAttnProcessor(i, cross=False))
             block.attn2.set_processor(CausalWanAttnProcessor(i, cross=True))
+
+    def _check_causal_processors(self) -> None:
+        """Any other processor would ignore the call context and attend bidirectionally without a word."""
+        for i, block in enumerate(self.blocks):
+            for name, cross in (("attn1", False), ("attn2", True)):
+                processor = getattr(block, name).processor
+                ours = isinstance(processor, CausalWanAttnProcessor)
+                if not ours or (processor.layer, processor.cross) != (i, cross):
+                    raise RuntimeError(
+                        f"blocks.{i}.{name} runs {type(processor).__name__}, not this layer's CausalWanAttnProcessor "
+                        "(replaced by set_attn_processor?): block-causal and cached forwards need it; call "
+                        "install_causal_processors() first"
+                    )
 
     def new_kv_cache(self, window_frames: int | None = None) -> KVCache:
         """An empty cache; `window_frames` bounds it to the most recent latent frames (long videos)."""
@@ -203,6 +236,7 @@ class CausalWanModel(WanTransformer3DModel):
         if frames_per_block is None and kv_cache is None:
             call = None  # bidirectional: diffusers' processors, exactly
         else:
+            self._check_causal_processors()
             call = self._attention_call(hidden_states, frames_per_block, kv_cache, update_cache, window_frames)
         if call is not None and encoder_hidden_states_image is not None:
             raise NotImplementedError("image conditioning (I2V) is not supported in causal or cached mode")
@@ -310,14 +344,15 @@ class CausalWanModel(WanTransformer3DModel):
         return sample, features
 
     def _run_block(self, block, call, tokens, text, timestep_proj, rotary_emb) -> torch.Tensor:
-        """One transformer block with this call's attention context set on its two processors."""
+        """One transformer block with this call's attention context current. `run` holds `call` itself
+        and sets it on every run, so a checkpoint recompute in backward sees this forward's context."""
 
         def run(tokens: torch.Tensor) -> torch.Tensor:
-            block.attn1.processor.call = block.attn2.processor.call = call
+            token = _CURRENT_CALL.set(call)
             try:
                 return block(tokens, text, timestep_proj, rotary_emb)
             finally:
-                block.attn1.processor.call = block.attn2.processor.call = None
+                _CURRENT_CALL.reset(token)
 
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(run, tokens)
