@@ -94,8 +94,9 @@ def test_single_file_and_directory_keep_the_same_modules_in_float32(tmp_path):
     assert dtypes["blocks.0.attn1.to_q.weight"] == torch.bfloat16
     g = torch.Generator().manual_seed(0)
     x, text = torch.randn(1, 4, 2, 8, 8, generator=g).bfloat16(), torch.randn(1, 5, 32, generator=g).bfloat16()
+    t = torch.tensor([500.0])
     with torch.no_grad():
-        assert torch.equal(from_dir(x, torch.tensor([500.0]), text).sample, from_file(x, torch.tensor([500.0]), text).sample)
+        assert torch.equal(from_dir(x, t, text).sample, from_file(x, t, text).sample)
 
 
 def test_float32_load_does_not_warn_about_float32_modules(tmp_path, caplog):
