@@ -1,16 +1,27 @@
-"""Teacher actors. `TeacherSamplerStage` is the Ray Data `map_batches` callable that runs the frozen
-teacher's multi-step CFG ODE for preprocessing: one actor per device, loading the teacher once."""
+"""Teacher actors.
+
+- `TeacherSamplerStage`: the Ray Data `map_batches` callable that runs the frozen teacher's multi-step
+  CFG ODE for preprocessing: one actor per device, loading the teacher once.
+- `TeacherPool`: the distillation's real score on a pool of actors (`ray.teacher_actors`, each with
+  `ray.teacher_resources`), the `RealScore` the training loop calls. Calls return at once with a
+  pending result, so a Train worker's critic work overlaps the teacher's; an actor that dies is
+  restarted by Ray (`max_restarts`) and its call retried (`max_task_retries`), and a call that still
+  fails moves to the next actor.
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any
 
 import numpy as np
 import torch
 
 from actors.encoder import default_device
-from pipeline.config import ModelConfig, build
+from pipeline.config import Config, ModelConfig, build
 from pipeline.data import noise_seed, pack, unpack
+from pipeline.distill import teacher_real_x0
 from pipeline.flow import euler_sample, guided_velocity
 from pipeline.models.loading import load_teacher
 
@@ -52,3 +63,95 @@ class TeacherSamplerStage:
         texts = unpack(batch["text_embedding"], self.text_dtype)
         latents, trajectories = zip(*(self.sample(str(i), t) for i, t in zip(batch["id"], texts)))
         return {**batch, "latent": pack(torch.stack(latents)), "trajectory": pack(torch.stack(trajectories))}
+
+
+log = logging.getLogger(__name__)
+
+
+class TeacherScoreActor:
+    """Holds the frozen teacher (the run's `model.dtype`, on its device) and serves the CFG real score."""
+
+    def __init__(self, model: dict[str, Any], negative: torch.Tensor, guidance: float) -> None:
+        self.device = default_device()
+        self.teacher = load_teacher(build(ModelConfig, model), self.device)
+        self.negative, self.guidance = negative.to(self.device), guidance
+
+    def real_x0(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        inputs = (v.to(self.device) for v in (x_t, t, text))
+        return teacher_real_x0(self.teacher, self.negative, self.guidance, *inputs).cpu()
+
+    def ready(self) -> bool:
+        return True
+
+
+class PendingScore:
+    """A real score in flight on one actor of the pool."""
+
+    def __init__(self, pool: TeacherPool, args: tuple[torch.Tensor, ...], actor: int) -> None:
+        self.pool, self.args, self.actor = pool, args, actor
+        self.ref = pool.actors[actor].real_x0.remote(*args)
+
+    def result(self) -> torch.Tensor:
+        import ray
+        from ray.exceptions import RayActorError
+
+        for attempt in range(len(self.pool.actors) + 1):
+            try:
+                return ray.get(self.ref)
+            except RayActorError as err:
+                if attempt == len(self.pool.actors):
+                    raise
+                self.pool.failures += 1
+                self.actor = (self.actor + 1) % len(self.pool.actors)
+                log.warning("teacher actor failed (%s); retrying the call on actor %d", type(err).__name__, self.actor)
+                self.ref = self.pool.actors[self.actor].real_x0.remote(*self.args)
+        raise AssertionError("unreachable")
+
+
+class TeacherPool:
+    """`RealScore` over teacher actors, round robin from an offset per Train rank. Picklable: it is
+    handed to the Train workers inside their config."""
+
+    def __init__(self, actors: list[Any]) -> None:
+        self.actors = actors
+        self.failures = 0  # calls that had to move to another actor, in this process
+        self._calls = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def start(cls, cfg: Config, negative: torch.Tensor, max_restarts: int = 3) -> TeacherPool:
+        """Start `ray.teacher_actors` actors and wait until each has loaded the teacher."""
+        import ray
+
+        resources = dict(cfg.ray.teacher_resources)
+        remote = ray.remote(TeacherScoreActor).options(
+            num_cpus=resources.pop("CPU", 1), num_gpus=resources.pop("GPU", 0), resources=resources,
+            max_restarts=max_restarts, max_task_retries=max_restarts,
+        )
+        actors = [remote.remote(cfg.to_dict()["model"], negative, cfg.method.real_guidance) for _ in range(cfg.ray.teacher_actors)]
+        ray.get([a.ready.remote() for a in actors])
+        return cls(actors)
+
+    def real_x0(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> PendingScore:
+        with self._lock:
+            index = (self._calls + _rank()) % len(self.actors)
+            self._calls += 1
+        return PendingScore(self, (x_t.detach().cpu(), t.detach().cpu(), text.detach().cpu()), index)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"actors": self.actors}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["actors"])
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -7,6 +7,7 @@ the previous checkpoint intact. `TrainState` (counters and RNG) is JSON-readable
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import shutil
@@ -15,8 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
+from safetensors.torch import load_file
+
+from pipeline.config import Config
+from pipeline.storage import is_local
 
 
 @dataclass
@@ -73,3 +79,58 @@ def replace_directory(build: Any, target: str | Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_student(weights_file: str, cfg: Config, out: str, source: dict[str, Any] | None = None) -> None:
+    """Write a generation checkpoint at `out` (local or s3://) from the weights of a training checkpoint:
+
+        transformer/        the student (a diffusers WanTransformer3DModel folder)
+        tokenizer/, text_encoder/   the text encoder it was trained with
+        codec/ or vae/      the latent codec (toy patch codec, or the Wan VAE)
+        oneforce.json       the settings it was trained with (block size, latent size, steps, shift)
+
+    built in a temporary directory and moved into place whole."""
+    from pipeline.models.causal_wan import CausalWanModel
+    from pipeline.models.codec import PatchCodec, load_codec
+    from pipeline.models.loading import load_text_encoder, student_architecture
+
+    architecture = {k: v for k, v in student_architecture(cfg.model).items() if not k.startswith("_")}
+    model = CausalWanModel.from_config(architecture)
+    model.load_state_dict(load_file(weights_file), strict=True)
+
+    def build(folder: Path) -> None:
+        model.save_pretrained(folder / "transformer")
+        load_text_encoder(dataclasses.replace(cfg.model, dtype="float32")).save_pretrained(folder)
+        if cfg.model.codec:
+            codec = load_codec(cfg.model.codec)
+            if isinstance(codec, PatchCodec):
+                codec.save_pretrained(folder / "codec")
+            else:
+                shutil.copytree(cfg.model.codec, folder / "vae")
+        settings = {"model": generation_settings(cfg), "source": source or {}}
+        (folder / EXPORT_SETTINGS).write_text(json.dumps(settings, indent=1))
+
+    fs, path = fsspec.core.url_to_fs(out)
+    if is_local(fs):
+        replace_directory(build, path)
+        return
+    with tempfile.TemporaryDirectory(prefix="oneforce-export-") as tmp:
+        build(Path(tmp))
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        fs.put(f"{tmp}/", path, recursive=True)
+
+
+EXPORT_SETTINGS = "oneforce.json"
+
+
+def generation_settings(cfg: Config) -> dict[str, Any]:
+    """The config keys an exported student needs to generate as it was trained."""
+    m, method = cfg.model, cfg.method
+    return {
+        "model.frames_per_block": m.frames_per_block, "model.num_latent_frames": m.num_latent_frames,
+        "model.latent_height": m.latent_height, "model.latent_width": m.latent_width,
+        "method.denoising_steps": list(method.denoising_steps), "method.warp_denoising_steps": method.warp_denoising_steps,
+        "method.shift": method.shift, "method.context_noise": method.context_noise,
+        "method.inference_schedule": method.inference_schedule,
+    }

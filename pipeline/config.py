@@ -95,6 +95,7 @@ class MethodConfig:
     r1_weight: float = 0.0
     r2_weight: float = 0.0
     r1_sigma: float = 0.1
+    r2_sigma: float = 0.01
     inference_schedule: Literal["uniform", "first4then1"] = "uniform"
     negative_prompt: str = (
         "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, "
@@ -147,10 +148,14 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2
     checkpoint_every: int = 50
     log_every: int = 10
-    storage_path: str = "~/oneforce_runs"
+    storage_path: str = "~/oneforce_runs"  # local or s3://; a run lives in <storage_path>/<name>
+    gradient_checkpointing: bool = False  # recompute the student's blocks in backward: less memory, more time
+    export_path: str = ""  # where the generation checkpoint goes; empty = <storage_path>/<name>/export
+    max_failures: int = 0  # Ray Train restarts of the workers, each resuming from the last checkpoint
+    checkpoints_to_keep: int = 2
 
     def __post_init__(self) -> None:
-        _positive(self, "lr", "critic_lr", "steps", "batch_size", "checkpoint_every", "log_every")
+        _positive(self, "lr", "critic_lr", "steps", "batch_size", "checkpoint_every", "log_every", "checkpoints_to_keep")
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas must have two values, got {self.betas}")
 
@@ -161,14 +166,16 @@ class RayConfig:
     num_workers: int = 1
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
-    teacher_actors: int = 1
+    teacher_actors: int = 1  # distillation: 0 = the teacher inside each Train worker (colocated)
     teacher_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
     encoder_actors: int = 1  # text-encoder (and VAE-encoder) actor pool size, for preprocessing
     encoder_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
     critic_placement: Literal["trainer", "actors"] = "trainer"
 
     def __post_init__(self) -> None:
-        _positive(self, "num_workers", "teacher_actors", "encoder_actors")
+        _positive(self, "num_workers", "encoder_actors")
+        if self.teacher_actors < 0:
+            raise ConfigError(f"ray.teacher_actors must be >= 0, got {self.teacher_actors}")
 
 
 @dataclass

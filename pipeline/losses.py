@@ -144,3 +144,9 @@ def gan_generator_gradient(
         loss = gan_generator_loss(logits(add_noise(sample, noise, timestep)), real_logits, kind)
         (grad,) = torch.autograd.grad(weight * loss, sample)
     return grad, loss.detach()
+
+
+def regression_loss(x0_pred: torch.Tensor, x0_target: torch.Tensor) -> torch.Tensor:
+    """ODE-regression init (CausVid): mean((x0_pred - x0_target)^2) in fp32, the student's one-step x0
+    from a trajectory state against the teacher ODE's clean end."""
+    return ((x0_pred.float() - x0_target.float()) ** 2).mean()

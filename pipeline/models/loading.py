@@ -3,13 +3,15 @@ builds the named architecture with seeded random weights (tests and the toy worl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import fsspec
 import torch
 
-from pipeline.config import ModelConfig
+from pipeline.config import Config, ModelConfig
 from pipeline.models.causal_wan import CausalWanModel
+from pipeline.models.discriminator import Critic, build_gan_heads
 from pipeline.models.text import TextEncoder
 from pipeline.models.wan_weights import WAN_CONFIGS, load_wan
 
@@ -51,3 +53,57 @@ def teacher_config(cfg: ModelConfig) -> dict:
         if fs.isdir(path):
             return json.loads(fs.cat(f"{path.rstrip('/')}/config.json"))
     return dict(WAN_CONFIGS[cfg.teacher_arch])
+
+
+def _same_architecture(config: dict, arch: str) -> bool:
+    wanted = WAN_CONFIGS[arch]
+    normal = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON lists vs tuples)
+    return all(normal(config.get(key)) == normal(value) for key, value in wanted.items())
+
+
+def _from_teacher(cfg: ModelConfig, role: str, arch: str) -> CausalWanModel:
+    """A trainable role initialised from the teacher's weights (DMD2 / Self-Forcing), in float32."""
+    if not _same_architecture(teacher_config(cfg), arch):
+        raise ValueError(
+            f"model.{role}_path is empty, so the {role} starts from the teacher's weights, but the teacher is not "
+            f"a '{arch}' (model.{role}_arch): set model.{role}_path or model.{role}_arch"
+        )
+    teacher = load_teacher(dataclasses.replace(cfg, dtype="float32"))
+    return teacher.train().requires_grad_(True)
+
+
+def load_student(cfg: ModelConfig, device: str | torch.device = "cpu") -> CausalWanModel:
+    """The trainable causal student in float32 (DeepSpeed casts for bf16 training): `student_path` (an
+    ODE-init export: diffusers directory or single file) or, when empty, the teacher's weights."""
+    if cfg.student_path:
+        model = load_wan(cfg.student_path, config=cfg.student_arch, dtype=torch.float32)
+    else:
+        model = _from_teacher(cfg, "student", cfg.student_arch)
+    return model.to(device).train().requires_grad_(True)
+
+
+def load_critic(cfg: Config, device: str | torch.device = "cpu") -> Critic:
+    """The critic: a bidirectional Wan trunk (`critic_path`, or the teacher's weights) and GAN heads
+    with seeded random init, in float32."""
+    m = cfg.model
+    trunk = load_wan(m.critic_path, config=m.critic_arch, dtype=torch.float32) if m.critic_path else _from_teacher(m, "critic", m.critic_arch)
+    disc = cfg.method.discriminator
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED + 1)
+        heads = build_gan_heads(
+            trunk, disc.feature_layers, num_registers=disc.num_registers, num_heads=disc.num_heads,
+            ffn_dim=disc.ffn_dim, hidden_dim=disc.hidden_dim, timestep_conditioning=disc.timestep_conditioning,
+        )
+    return Critic(trunk, heads, disc.feature_layers).to(device).train().requires_grad_(True)
+
+
+def student_architecture(cfg: ModelConfig) -> dict:
+    """The student's diffusers config without loading weights: its directory's config.json, the named
+    architecture for a single file, or the teacher's when the student starts from it."""
+    if not cfg.student_path:
+        return teacher_config(cfg)
+    fs, path = fsspec.core.url_to_fs(cfg.student_path)
+    config_path = f"{path.rstrip('/')}/config.json"
+    if fs.isdir(path) and fs.exists(config_path):
+        return json.loads(fs.cat(config_path))
+    return dict(WAN_CONFIGS[cfg.student_arch])

@@ -1,0 +1,53 @@
+"""One-Forcing distillation: the causal student learns one step per block from the teacher's CFG real
+score (DMD) and a GAN on the critic's features, on self-forcing rollouts (DESIGN §3-§4).
+
+    python jobs/distill.py --config configs/toy_distill.yaml [train.steps=300 ...]
+    ray job submit --working-dir . -- python jobs/distill.py --config configs/wan_1_3b_framewise.yaml
+    python jobs/distill.py --config configs/toy_distill.yaml --export    # export the latest checkpoint
+
+The teacher runs on `ray.teacher_actors` actors (0: inside each Train worker), the student and the
+critic in DeepSpeed engines on `ray.num_workers` Ray Train workers. Checkpoints go to
+<train.storage_path>/<name>; rerunning the same command resumes from the latest one. At the end the EMA
+student is exported (train.export_path, default <run>/export) for jobs/generate.py --checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` without an install
+
+from jobs.cli import run_main  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+
+
+def main(cfg: Config, args: argparse.Namespace) -> None:
+    import ray
+
+    from actors.teacher import TeacherPool
+    from pipeline import data, trainer
+
+    if args.export:
+        print(f"exported: {trainer.export_latest(cfg)}")
+        return
+    trainer.preflight(cfg, "distill")
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address or None)
+    negative = data.read_negative_prompt(cfg.data.output)
+    pool = TeacherPool.start(cfg, negative) if cfg.ray.teacher_actors else None
+    try:
+        summary = trainer.launch(cfg, "distill", pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    print(trainer.summary_text(summary))
+
+
+def extra_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--export", action="store_true", help="export the run's latest checkpoint and exit")
+
+
+if __name__ == "__main__":
+    run_main(main, __doc__, extra_args)

@@ -1,0 +1,43 @@
+"""ODE-regression init of the causal student (CausVid / Causal Forcing stage): each block regresses the
+teacher's ODE solution from the trajectory states stored by preprocessing, block-causal, one step per
+trajectory point. Its export is the distillation's `model.student_path`.
+
+    python jobs/ode_init.py --config configs/toy_ode_init.yaml
+    ray job submit --working-dir . -- python jobs/ode_init.py --config configs/wan_1_3b_framewise.yaml
+
+The student trains in a DeepSpeed engine on `ray.num_workers` Ray Train workers; checkpoints, resume and
+export work as in jobs/distill.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` without an install
+
+from jobs.cli import run_main  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+
+
+def main(cfg: Config, args: argparse.Namespace) -> None:
+    import ray
+
+    from pipeline import trainer
+
+    if args.export:
+        print(f"exported: {trainer.export_latest(cfg)}")
+        return
+    trainer.preflight(cfg, "ode_init")
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address or None)
+    print(trainer.summary_text(trainer.launch(cfg, "ode_init")))
+
+
+def extra_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--export", action="store_true", help="export the run's latest checkpoint and exit")
+
+
+if __name__ == "__main__":
+    run_main(main, __doc__, extra_args)

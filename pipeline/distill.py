@@ -1,0 +1,454 @@
+"""One-Forcing's training steps (DESIGN §3), sequenced from `rollout` and `losses`, with every role
+behind a small Protocol so that where a role lives (this process, a Ray actor) never shows here.
+
+Roles:
+    Optimised   a trainable module and its optimiser: `TorchOptimised` (the plain reference loop) or a
+                DeepSpeed engine (`pipeline.engines.DeepSpeedOptimised`, the Ray Train workers)
+    RealScore   the frozen teacher's CFG real score in x0 space, returned as a `Pending` so the call can
+                be in flight (on a teacher actor) while the critic works
+    CriticRole  the critic: `feedback` for the generator step, `update` for its own step
+
+Randomness: every draw (rollout noise, score timesteps, their noise) comes from a generator seeded by
+(run seed, step, global sample index, purpose), so a batch of 2 on one worker and two workers with a
+batch of 1 draw the same numbers; exit steps are drawn per step, the same on every rank. Roles receive
+their random inputs from here and draw nothing themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline import losses
+from pipeline.config import Config, MethodConfig, TrainConfig
+from pipeline.flow import add_noise, sample_timesteps, x0_from_velocity
+from pipeline.models.causal_wan import CausalWanModel
+from pipeline.models.discriminator import Critic
+from pipeline.rollout import draw_exit_steps, rollout, training_steps
+
+# ----------------------------------------------------------------------------------------------------
+# Randomness
+# ----------------------------------------------------------------------------------------------------
+
+
+def seeded(run_seed: int, step: int, index: int, purpose: str) -> torch.Generator:
+    """A generator for one sample's draws of one kind at one step (index -1: shared by the whole step)."""
+    digest = hashlib.sha256(f"{run_seed}/{step}/{index}/{purpose}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def per_sample_noise(shape: Sequence[int], run_seed: int, step: int, indices: Sequence[int], purpose: str) -> torch.Tensor:
+    """(B, *shape) standard normal noise, row i from sample indices[i]'s own generator."""
+    return torch.stack([torch.randn(tuple(shape), generator=seeded(run_seed, step, i, purpose)) for i in indices])
+
+
+def per_sample_timesteps(method: MethodConfig, run_seed: int, step: int, indices: Sequence[int], purpose: str) -> torch.Tensor:
+    """(B,) score timesteps: u ~ U[0, 1), shifted, clamped to [min_timestep, max_timestep]."""
+    draws = [
+        sample_timesteps(1, seeded(run_seed, step, i, purpose), method.shift, method.min_timestep, method.max_timestep)
+        for i in indices
+    ]
+    return torch.cat(draws)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Roles
+# ----------------------------------------------------------------------------------------------------
+
+
+class Pending(Protocol):
+    def result(self) -> torch.Tensor: ...
+
+
+@dataclass
+class Ready:
+    """A result computed in this process."""
+
+    value: torch.Tensor
+
+    def result(self) -> torch.Tensor:
+        return self.value
+
+
+class RealScore(Protocol):
+    def real_x0(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> Pending:
+        """x0_cond + g (x0_cond - x0_uncond) at (x_t, t), uncond = the dataset's negative prompt; fp32."""
+        ...
+
+
+@dataclass
+class FeedbackRequest:
+    """What the generator step asks of the critic (every tensor detached)."""
+
+    x_t: torch.Tensor  # the generated x0 noised at `t` (the same x_t the teacher scores)
+    t: torch.Tensor  # (B,)
+    x0: torch.Tensor  # the generated sample
+    gan_t: torch.Tensor  # (B,) the GAN term's own timestep
+    gan_noise: torch.Tensor
+    text: torch.Tensor
+    real: torch.Tensor  # real latents, for the relativistic GAN loss
+
+
+@dataclass
+class Feedback:
+    x0_fake: torch.Tensor  # the critic's x0 at (x_t, t), fp32
+    gan_gradient: torch.Tensor  # d [w_g * GAN generator loss] / d x0, fp32
+    gan_loss: torch.Tensor  # the unweighted GAN generator loss (scalar)
+
+
+@dataclass
+class CriticBatch:
+    """One critic update's inputs: a fresh rollout (no grad), real latents, and every random draw."""
+
+    fake: torch.Tensor
+    real: torch.Tensor
+    text: torch.Tensor
+    flow_t: torch.Tensor
+    flow_noise: torch.Tensor
+    disc_t: torch.Tensor  # real and fake are noised at the same t with the same noise
+    disc_noise: torch.Tensor
+    r1_noise: torch.Tensor
+    r2_noise: torch.Tensor
+
+
+class CriticRole(Protocol):
+    def feedback(self, request: FeedbackRequest) -> Feedback: ...
+
+    def update(self, batch: CriticBatch) -> dict[str, float]: ...
+
+
+class Optimised(Protocol):
+    """A trainable module with its optimiser. `step` clips, steps, zeroes the grads and returns the grad
+    norm before clipping."""
+
+    module: nn.Module
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float: ...
+
+
+class TorchOptimised:
+    """The plain loop's `Optimised`: torch AdamW and global-norm clipping, as DeepSpeed does them."""
+
+    def __init__(self, module: nn.Module, lr: float, train: TrainConfig) -> None:
+        self.module = module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
+        self.clip = train.grad_clip
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+
+def all_finite(*values: torch.Tensor) -> bool:
+    """True when every value is finite on every rank: a non-finite loss skips the update everywhere."""
+    flag = torch.tensor([float(all(bool(torch.isfinite(v).all()) for v in values))])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def teacher_real_x0(
+    teacher: nn.Module, negative: torch.Tensor, guidance: float, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor
+) -> torch.Tensor:
+    """The teacher's CFG real score: cond and uncond as one 2B forward in the teacher's dtype, x0 and the
+    guidance combination in fp32 (a bf16 teacher's x0 would otherwise be combined at scale 1 + g in bf16)."""
+    dtype = next(teacher.parameters()).dtype
+    uncond = negative.to(text.device, dtype).expand(x_t.shape[0], -1, -1)
+    x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
+    with torch.no_grad():
+        v = teacher(x_in.to(dtype), t_in, torch.cat([text.to(dtype), uncond])).sample
+    x0_cond, x0_uncond = x0_from_velocity(x_in.float(), v.float(), t_in).chunk(2)
+    return losses.real_x0(x0_cond, x0_uncond, guidance)
+
+
+class LocalTeacher:
+    """The real score in this process (plain loop, colocated runs)."""
+
+    def __init__(self, teacher: nn.Module, negative: torch.Tensor, guidance: float) -> None:
+        self.teacher, self.negative, self.guidance = teacher, negative, guidance
+
+    def real_x0(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> Ready:
+        return Ready(teacher_real_x0(self.teacher, self.negative, self.guidance, x_t, t, text))
+
+
+class LocalCritic:
+    """The critic in this process, trained through an `Optimised` (torch, or a DeepSpeed engine)."""
+
+    def __init__(self, critic: Optimised, method: MethodConfig) -> None:
+        self.critic, self.method = critic, method
+
+    @property
+    def module(self) -> Critic:
+        return self.critic.module
+
+    def feedback(self, request: FeedbackRequest) -> Feedback:
+        critic, m = self.module, self.method
+        dtype = next(critic.parameters()).dtype
+        text = request.text.to(dtype)
+        # Frozen for this pass: the gradient is taken w.r.t. the sample only, and a ZeRO engine's
+        # gradient hooks must not fire (DESIGN §4).
+        trainable = [p for p in critic.parameters() if p.requires_grad]
+        for p in trainable:
+            p.requires_grad_(False)
+        try:
+            with torch.no_grad():
+                v, _ = critic(request.x_t.to(dtype), request.t, text, with_logits=False)
+                x0_fake = x0_from_velocity(request.x_t.float(), v.float(), request.t)
+                real_logits = None
+                if m.gan_loss == "relativistic":
+                    real_logits = critic.logits(add_noise(request.real, request.gan_noise, request.gan_t).to(dtype), request.gan_t, text)
+            grad, loss = losses.gan_generator_gradient(
+                request.x0.to(dtype), request.gan_noise.to(dtype), request.gan_t,
+                lambda x: critic.logits(x, request.gan_t, text), m.gan_generator_weight, real_logits, m.gan_loss,
+            )
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
+        return Feedback(x0_fake=x0_fake, gan_gradient=grad.float(), gan_loss=loss)
+
+    def update(self, batch: CriticBatch) -> dict[str, float]:
+        terms = critic_losses(self.module, batch, self.method)
+        total = terms["critic_loss"]
+        if not all_finite(total):
+            return {"critic_skipped": 1.0, **{k: float(v.detach()) for k, v in terms.items()}}
+        self.critic.backward(total)
+        norm = self.critic.step()
+        return {"critic_skipped": 0.0, "critic_grad_norm": norm, **{k: float(v.detach()) for k, v in terms.items()}}
+
+
+def critic_losses(critic: Critic, b: CriticBatch, m: MethodConfig) -> dict[str, torch.Tensor]:
+    """The critic's objective on one batch: flow matching on the generated samples at their own t, plus
+    the discriminator loss on real and fake noised at one shared t and noise (one 2B forward), plus the
+    optional finite-difference R1 (real) and R2 (fake, counted at 0.5)."""
+    dtype = next(critic.parameters()).dtype
+    text = b.text.to(dtype)
+    x_t = add_noise(b.fake, b.flow_noise, b.flow_t).to(dtype)
+    v, _ = critic(x_t, b.flow_t, text, with_logits=False)
+    flow = losses.flow_loss(v, b.flow_noise, b.fake)
+
+    real_t = add_noise(b.real, b.disc_noise, b.disc_t)
+    fake_t = add_noise(b.fake, b.disc_noise, b.disc_t)
+    _, logits = critic(torch.cat([real_t, fake_t]).to(dtype), torch.cat([b.disc_t, b.disc_t]), torch.cat([text, text]))
+    real_logits, fake_logits = logits.chunk(2)
+    gan_d = losses.gan_discriminator_loss(real_logits, fake_logits, m.gan_loss)
+    total = flow + m.gan_discriminator_weight * gan_d
+    terms = {"critic_flow": flow, "gan_d": gan_d, "logits_real": real_logits.float().mean(), "logits_fake": fake_logits.float().mean()}
+
+    def d(x: torch.Tensor) -> torch.Tensor:  # perturbed in fp32, cast only for the forward
+        return critic.logits(x.to(dtype), b.disc_t, text).float()
+
+    if m.r1_weight > 0:
+        terms["r1"] = losses.r1_penalty(d, real_t, b.r1_noise, m.r1_sigma)
+        total = total + m.r1_weight * terms["r1"]
+    if m.r2_weight > 0:
+        terms["r2"] = losses.r2_penalty(d, fake_t, b.r2_noise, m.r2_sigma)
+        total = total + 0.5 * m.r2_weight * terms["r2"]
+    terms["critic_loss"] = total
+    return {k: v if k == "critic_loss" else v.detach() for k, v in terms.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The steps
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """Rows as a step consumes them; `indices` are the rows' global sample indices at this step."""
+
+    ids: list[str]
+    text: torch.Tensor  # (B, L, D)
+    latent: torch.Tensor  # (B, C, F, H, W): the real sample of the GAN (a video's or the teacher's latent)
+    indices: list[int]
+    trajectory: torch.Tensor | None = None  # (B, K, C, F, H, W) for ODE init
+
+
+class EMA:
+    """An fp32 exponential moving average of a module's full weights (gathered by `full_state`, which
+    under ZeRO-3 collects the partitions); never updated in place on partitioned or bf16 parameters."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = {k: v.detach().float().clone() for k, v in state.items()}
+
+    def update(self, state: dict[str, torch.Tensor], decay: float) -> None:
+        for name, value in state.items():
+            self.state[name].mul_(decay).add_(value.detach().float(), alpha=1 - decay)
+
+
+def module_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The full weights of a plain (unpartitioned) module."""
+    return {k: v for k, v in module.state_dict().items()}
+
+
+@dataclass
+class StepContext:
+    """Everything a step needs beyond its batch."""
+
+    cfg: Config
+    student: Optimised
+    teacher: RealScore
+    critic: CriticRole
+    full_state: Callable[[], dict[str, torch.Tensor]]  # the student's full weights (gathered if partitioned)
+    ema: EMA | None = None
+
+    @property
+    def steps_per_block(self) -> list[list[float]]:
+        m = self.cfg.method
+        steps = training_steps(m.denoising_steps, m.shift, m.warp_denoising_steps)
+        return [steps] * self.cfg.model.num_blocks
+
+
+def _student_rollout(ctx: StepContext, batch: Batch, step: int, purpose: str, with_grad: bool):
+    cfg, student = ctx.cfg, ctx.student.module
+    dtype = next(student.parameters()).dtype
+    shape = (student.config.in_channels, cfg.model.num_latent_frames, cfg.model.latent_height, cfg.model.latent_width)
+    noise = per_sample_noise(shape, cfg.train.seed, step, batch.indices, purpose).to(dtype)
+    steps = ctx.steps_per_block
+    exits = draw_exit_steps(
+        len(steps), len(steps[0]), seeded(cfg.train.seed, step, -1, f"{purpose}/exit"), cfg.method.same_exit_step_across_blocks
+    )
+    renoise = seeded(cfg.train.seed, step, -1, f"{purpose}/renoise")
+    return rollout(
+        student, noise, batch.text.to(dtype), steps, cfg.model.frames_per_block, exit_steps=exits,
+        gradient_num_blocks=cfg.method.gradient_num_blocks if with_grad else 0,
+        context_noise=cfg.method.context_noise, generator=renoise,
+    )
+
+
+def generator_step(ctx: StepContext, batch: Batch, step: int) -> dict[str, float]:
+    """Rollout with grad on the last blocks; DMD from the teacher's and critic's scores plus the GAN
+    gradient through the frozen critic, both on the sample; one optimiser step."""
+    cfg, m = ctx.cfg, ctx.cfg.method
+    seed, idx = cfg.train.seed, batch.indices
+    out = _student_rollout(ctx, batch, step, "generator", with_grad=True)
+    x0 = out.x0
+    sample = x0.detach().float()
+    t = per_sample_timesteps(m, seed, step, idx, "dmd_t")
+    x_t = add_noise(sample, per_sample_noise(sample.shape[1:], seed, step, idx, "dmd_noise"), t)
+    pending = ctx.teacher.real_x0(x_t, t, batch.text)  # in flight while the critic works
+    gan_t = per_sample_timesteps(m, seed, step, idx, "gan_t")
+    feedback = ctx.critic.feedback(FeedbackRequest(
+        x_t=x_t, t=t, x0=sample, gan_t=gan_t, gan_noise=per_sample_noise(sample.shape[1:], seed, step, idx, "gan_noise"),
+        text=batch.text, real=batch.latent.float(),
+    ))
+    x0_real = pending.result()
+    direction = losses.dmd_direction(sample, feedback.x0_fake, x0_real)
+    gradient = losses.dmd_gradient(sample, direction, out.first_grad_frame) + feedback.gan_gradient
+    metrics = {
+        "dmd": float(losses.dmd_loss(sample, direction, out.first_grad_frame)),
+        "gan_g": float(feedback.gan_loss),
+        "dmd_normaliser": float((sample - x0_real).abs().mean()),
+    }
+    if not all_finite(gradient, feedback.gan_loss):
+        return {**metrics, "generator_skipped": 1.0}
+    ctx.student.backward((x0.float() * gradient).sum())  # d/dx0 of this surrogate is exactly `gradient`
+    metrics["generator_grad_norm"] = ctx.student.step()
+    if step >= cfg.train.ema_start_step:
+        if ctx.ema is None:
+            ctx.ema = EMA(ctx.full_state())
+        else:
+            ctx.ema.update(ctx.full_state(), cfg.train.ema_decay)
+    return {**metrics, "generator_skipped": 0.0}
+
+
+def critic_step(ctx: StepContext, batch: Batch, step: int) -> dict[str, float]:
+    """A fresh rollout without grad; one critic update on it and the batch's real latents."""
+    m, seed, idx = ctx.cfg.method, ctx.cfg.train.seed, batch.indices
+    with torch.no_grad():
+        fake = _student_rollout(ctx, batch, step, "critic", with_grad=False).x0.float()
+    shape = fake.shape[1:]
+    return ctx.critic.update(CriticBatch(
+        fake=fake, real=batch.latent.float(), text=batch.text,
+        flow_t=per_sample_timesteps(m, seed, step, idx, "flow_t"), flow_noise=per_sample_noise(shape, seed, step, idx, "flow_noise"),
+        disc_t=per_sample_timesteps(m, seed, step, idx, "disc_t"), disc_noise=per_sample_noise(shape, seed, step, idx, "disc_noise"),
+        r1_noise=per_sample_noise(shape, seed, step, idx, "r1_noise"), r2_noise=per_sample_noise(shape, seed, step, idx, "r2_noise"),
+    ))
+
+
+def distill_step(ctx: StepContext, batch: Batch, step: int) -> dict[str, float]:
+    """One One-Forcing step: on generator steps (step % gen_every == 0, step 0 included) the generator
+    updates first; the critic updates every step."""
+    metrics: dict[str, float] = {}
+    if step % ctx.cfg.method.gen_every == 0:
+        metrics.update(generator_step(ctx, batch, step))
+    metrics.update(critic_step(ctx, batch, step))
+    return metrics
+
+
+def ode_init_step(student: Optimised, batch: Batch, step: int, cfg: Config, trajectory_timesteps: Sequence[float]) -> dict[str, float]:
+    """ODE-regression init (CausVid): each block of the causal student starts from the teacher's ODE
+    state at one trajectory point (drawn per sample and block) and regresses the ODE's clean end; one
+    block-causal forward over the whole clip, per-frame timesteps."""
+    if batch.trajectory is None or not trajectory_timesteps:
+        raise ValueError("ODE init needs a dataset with trajectories (data.trajectory_steps)")
+    model: CausalWanModel = student.module
+    dtype = next(model.parameters()).dtype
+    fpb, num_blocks = cfg.model.frames_per_block, cfg.model.num_blocks
+    points = torch.stack([
+        torch.randint(0, len(trajectory_timesteps), (num_blocks,), generator=seeded(cfg.train.seed, step, i, "ode_point"))
+        for i in batch.indices
+    ]).repeat_interleave(fpb, dim=1)  # (B, F): the trajectory point of each frame
+    rows, frames = torch.arange(len(batch.indices))[:, None], torch.arange(cfg.model.num_latent_frames)[None, :]
+    by_frame = batch.trajectory.float().permute(0, 3, 1, 2, 4, 5)  # (B, F, K, C, H, W)
+    x_t = by_frame[rows, frames, points].permute(0, 2, 1, 3, 4)  # (B, C, F, H, W)
+    t = torch.tensor(trajectory_timesteps, dtype=torch.float32)[points]
+    v = model(x_t.to(dtype), t, batch.text.to(dtype), frames_per_block=fpb).sample
+    x0 = x0_from_velocity(x_t, v.float(), t)
+    loss = losses.regression_loss(x0, batch.latent)
+    if not all_finite(loss):
+        return {"ode_loss": float(loss), "ode_skipped": 1.0}
+    student.backward(loss)
+    return {"ode_loss": float(loss.detach()), "ode_grad_norm": student.step(), "ode_skipped": 0.0}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data order and the plain reference loop
+# ----------------------------------------------------------------------------------------------------
+
+
+def global_indices(step: int, rank: int, world: int, batch_size: int) -> list[int]:
+    """The global sample indices a rank's batch holds at `step` (independent of the data split)."""
+    start = (step * world + rank) * batch_size
+    return list(range(start, start + batch_size))
+
+
+def rows_to_batch(rows: dict[str, Any], indices: list[int]) -> Batch:
+    """A Batch from decoded rows (ids, text_embedding, latent, optional trajectory)."""
+    trajectory = rows.get("trajectory")
+    return Batch(
+        ids=list(rows["id"]), text=rows["text_embedding"].float(), latent=rows["latent"].float(), indices=indices,
+        trajectory=None if trajectory is None else trajectory.float(),
+    )
+
+
+def epoch_batches(rows: dict[str, Any], batch_size: int) -> Iterator[dict[str, Any]]:
+    """The rows in order, `batch_size` at a time, round after round (the plain loop's data order)."""
+    count = len(rows["id"])
+    position = 0
+    while True:
+        take = [(position + i) % count for i in range(batch_size)]
+        position += batch_size
+        yield {k: (v[take] if isinstance(v, torch.Tensor) else [v[i] for i in take]) for k, v in rows.items() if v is not None}
+
+
+def plain_distill(ctx: StepContext, batches: Iterable[dict[str, Any]], steps: range) -> list[dict[str, float]]:
+    """The reference: the same step functions in one process, no Ray, no DeepSpeed."""
+    history = []
+    for step, rows in zip(steps, batches):
+        batch = rows_to_batch(rows, global_indices(step, 0, 1, len(rows["id"])))
+        history.append(distill_step(ctx, batch, step))
+    return history

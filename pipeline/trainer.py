@@ -1,0 +1,434 @@
+"""The per-worker loop Ray Train runs for ODE init and distillation, and the driver side that starts it.
+
+Each Train worker owns the student's DeepSpeed engine (and, with `ray.critic_placement: trainer`, the
+critic's), reads its shard of the preprocessed Parquet with `ray.train.get_dataset_shard`, runs the step
+functions of `pipeline.distill`, and every `train.checkpoint_every` steps writes one checkpoint directory:
+
+    student/, critic/        DeepSpeed's own shards (every rank writes its part)
+    ema.safetensors          the fp32 EMA of the student (distillation, once it started)
+    weights.safetensors      what an export holds: the EMA, or the student's weights when there is none
+    rng/rank<r>.json         each rank's torch RNG states (CPU and CUDA)
+    state.json               the next step, the data position, and the history of every step's metrics
+                             (averaged over ranks) with the ids each rank read
+
+and hands it to `ray.train.report`, which puts it under `<train.storage_path>/<run name>/`. Relaunching
+the same run name restores the latest checkpoint (Ray Train's own run restoration) and continues exactly:
+every random draw is seeded by (run seed, step, sample index), and the data iterator skips the batches
+already consumed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from pipeline import data
+from pipeline.config import Config, build
+from pipeline.distill import (
+    EMA,
+    LocalCritic,
+    LocalTeacher,
+    RealScore,
+    StepContext,
+    distill_step,
+    global_indices,
+    ode_init_step,
+    rows_to_batch,
+)
+from pipeline.engines import DeepSpeedOptimised
+from pipeline.models.loading import load_critic, load_student, load_teacher
+
+Mode = Literal["distill", "ode_init"]
+STATE_FILE, WEIGHTS_FILE, EMA_FILE = "state.json", "weights.safetensors", "ema.safetensors"
+
+
+@dataclass
+class RunSpec:
+    """What the driver hands every worker (pickled once into `train_loop_config`)."""
+
+    config: dict[str, Any]
+    mode: Mode
+    info: data.DatasetInfo
+    negative: torch.Tensor  # the negative prompt's embedding (L, D)
+    teacher: RealScore | None = None  # a teacher actor pool; None = a teacher inside each worker
+    tracking_uri: str = ""  # empty: no tracking
+    mlflow_run_id: str = ""
+    samples: dict[str, Any] = field(default_factory=dict)  # fixed prompts for sample videos: id, prompt, text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+
+
+def decode_rows(table, info: data.DatasetInfo, with_trajectory: bool) -> dict[str, Any]:
+    rows = data.decode_batch(table, info)
+    if with_trajectory:
+        rows["trajectory"] = data.tensor_values(table.column("trajectory"), info.trajectory.dtype)
+    return rows
+
+
+def shard_batches(shard, info: data.DatasetInfo, batch_size: int, skip: int, with_trajectory: bool) -> Iterator[dict[str, Any]]:
+    """Batches of the worker's shard, epoch after epoch, the first `skip` batches passed over (resume)."""
+    consumed = 0
+    while True:
+        produced = False
+        for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True):
+            produced = True
+            consumed += 1
+            if consumed > skip:
+                yield decode_rows(table, info, with_trajectory)
+        if not produced:
+            raise ValueError(f"a worker's share of the dataset holds fewer than train.batch_size={batch_size} rows")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Collectives
+# ----------------------------------------------------------------------------------------------------
+
+
+def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Every rank's metrics averaged (the keys are the same on every rank at a given step)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, values)}
+
+
+def gather_ids(ids: list[str]) -> list[list[str]]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [ids]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, ids)
+    return everyone
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    encode = lambda t: base64.b64encode(t.cpu().numpy().tobytes()).decode()  # noqa: E731
+    cuda = [encode(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    return {"cpu": encode(torch.get_rng_state()), "cuda": cuda}
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    decode = lambda s: torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())  # noqa: E731
+    torch.set_rng_state(decode(state["cpu"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+
+
+@dataclass
+class WorkerState:
+    step: int = 0  # the next step to run
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def save_checkpoint(
+    directory: str, state: WorkerState, engines: dict[str, DeepSpeedOptimised], ema: EMA | None, rank: int
+) -> None:
+    """Every rank writes its DeepSpeed shards and RNG; rank 0 the EMA, the export weights and the state."""
+    for name, engine in engines.items():
+        engine.engine.save_checkpoint(directory, tag=name)
+    weights = engines["student"].full_state() if ema is None else None  # a collective under ZeRO-3
+    os.makedirs(f"{directory}/rng", exist_ok=True)
+    Path(f"{directory}/rng/rank{rank}.json").write_text(json.dumps(_rng_state()))
+    if rank == 0:
+        if ema is not None:
+            save_file(ema.state, f"{directory}/{EMA_FILE}")
+        save_file(ema.state if ema is not None else weights, f"{directory}/{WEIGHTS_FILE}")
+        Path(f"{directory}/{STATE_FILE}").write_text(json.dumps({"step": state.step, "history": state.history}))
+
+
+def restore_checkpoint(directory: str, engines: dict[str, DeepSpeedOptimised], rank: int) -> tuple[WorkerState, EMA | None]:
+    for name, engine in engines.items():
+        path, _ = engine.engine.load_checkpoint(directory, tag=name, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"checkpoint {directory} has no DeepSpeed state for the {name}")
+    raw = json.loads(Path(f"{directory}/{STATE_FILE}").read_text())
+    rng = Path(f"{directory}/rng/rank{rank}.json")
+    if rng.exists():  # a relaunch on more ranks than before starts their RNG fresh
+        _restore_rng(json.loads(rng.read_text()))
+    ema = EMA(load_file(f"{directory}/{EMA_FILE}")) if os.path.exists(f"{directory}/{EMA_FILE}") else None
+    return WorkerState(step=raw["step"], history=raw["history"]), ema
+
+
+# ----------------------------------------------------------------------------------------------------
+# The worker loop
+# ----------------------------------------------------------------------------------------------------
+
+
+def train_worker(spec: RunSpec) -> None:
+    """Ray Train's `train_loop_per_worker`: build the engines, restore, run the steps, checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    cfg: Config = build(Config, spec.config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)
+
+    student = load_student(cfg.model, device)
+    if cfg.train.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    engines = {"student": DeepSpeedOptimised(student, cfg.train.lr, cfg, world)}
+    step_ctx = None
+    if spec.mode == "distill":
+        engines["critic"] = DeepSpeedOptimised(load_critic(cfg, device), cfg.train.critic_lr, cfg, world)
+        teacher = spec.teacher or LocalTeacher(load_teacher(cfg.model, device), spec.negative.to(device), cfg.method.real_guidance)
+        step_ctx = StepContext(
+            cfg, engines["student"], teacher, LocalCritic(engines["critic"], cfg.method), engines["student"].full_state
+        )
+
+    state, ema = WorkerState(), None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state, ema = restore_checkpoint(directory, engines, rank)
+    if step_ctx is not None:
+        step_ctx.ema = ema
+
+    batch_size = cfg.train.batch_size
+    batches = shard_batches(
+        ray.train.get_dataset_shard("train"), spec.info, batch_size, skip=state.step, with_trajectory=spec.mode == "ode_init"
+    )
+    tracker = _worker_tracker(spec) if rank == 0 else None
+    progress = _progress(cfg, state.step) if rank == 0 else None
+    trajectory_timesteps = list(spec.info.trajectory_timesteps)
+    for step in range(state.step, cfg.train.steps):
+        rows = next(batches)
+        batch = rows_to_batch(rows, global_indices(step, rank, world, batch_size))
+        batch.text, batch.latent = batch.text.to(device), batch.latent.to(device)
+        if batch.trajectory is not None:
+            batch.trajectory = batch.trajectory.to(device)
+        started = time.perf_counter()
+        if step_ctx is not None:
+            metrics = distill_step(step_ctx, batch, step)
+        else:
+            metrics = ode_init_step(engines["student"], batch, step, cfg, trajectory_timesteps)
+        seconds = time.perf_counter() - started
+        metrics = mean_over_ranks({**metrics, "s_per_step": seconds})
+        metrics["samples_per_s"] = batch_size * world / metrics["s_per_step"]
+        state.history.append({"step": step, **metrics, "ids": gather_ids(batch.ids)})
+        state.step = step + 1
+        if tracker is not None:
+            if step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+                tracker.log_metrics(metrics, step)
+            progress.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("dmd", "critic_flow", "ode_loss", "s_per_step")})
+            progress.update(1)
+        if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:
+            current_ema = step_ctx.ema if step_ctx is not None else None
+            with tempfile.TemporaryDirectory(prefix="oneforce-ckpt-") as directory:
+                save_checkpoint(directory, state, engines, current_ema, rank)
+                ray.train.report(
+                    {"step": state.step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(directory)
+                )
+    if progress is not None:
+        progress.close()
+
+
+def _worker_tracker(spec: RunSpec):
+    from pipeline.tracking import NullTracker, attach_tracker
+
+    if not spec.tracking_uri or not spec.mlflow_run_id:
+        return NullTracker()
+    return attach_tracker(spec.tracking_uri, spec.mlflow_run_id)
+
+
+def _progress(cfg: Config, start: int):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.train.steps, initial=start, desc=cfg.name, unit="step", mininterval=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The driver side
+# ----------------------------------------------------------------------------------------------------
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.tracking.run_name or cfg.name
+
+
+def storage_root(cfg: Config) -> str:
+    """`train.storage_path` with `~` expanded for local paths (Ray Train wants absolute paths)."""
+    path = cfg.train.storage_path
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def run_dir(cfg: Config) -> str:
+    return f"{storage_root(cfg).rstrip('/')}/{run_name(cfg)}"
+
+
+def resource_plan(cfg: Config, mode: Mode) -> dict[str, Any]:
+    """Where each role runs, for `--dry-run` and the job's first lines."""
+    r = cfg.ray
+    plan: dict[str, Any] = {
+        "student": f"{r.num_workers} Ray Train worker(s), {dict(r.resources_per_worker)} each, DeepSpeed ZeRO-{cfg.train.zero_stage}",
+    }
+    if mode == "distill":
+        plan["teacher"] = f"{r.teacher_actors} teacher actor(s), {dict(r.teacher_resources)} each"
+        plan["critic"] = "a DeepSpeed engine inside each Train worker" if r.critic_placement == "trainer" else "critic actors"
+    plan["data"] = cfg.data.output
+    plan["checkpoints"] = run_dir(cfg)
+    return plan
+
+
+def fit(cfg: Config, mode: Mode, teacher: RealScore | None = None, tracking_uri: str = "", mlflow_run_id: str = ""):
+    """Run (or resume) ODE init or distillation on Ray Train; returns Ray Train's `Result`."""
+    import ray.data
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    info = data.read_info(cfg.data.output)
+    columns = ["id", "prompt", "kind", "text_embedding", "latent"] + (["trajectory"] if mode == "ode_init" else [])
+    spec = RunSpec(
+        config=cfg.to_dict(), mode=mode, info=info, negative=data.read_negative_prompt(cfg.data.output),
+        teacher=teacher, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id,
+    )
+    r = cfg.ray
+    trainer = TorchTrainer(
+        lambda config: train_worker(config["spec"]),
+        train_loop_config={"spec": spec},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=dict(r.resources_per_worker)
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name(cfg), storage_path=storage_root(cfg),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+        ),
+        # The same order on every run, split the same way (no locality), so a resumed run sees the data
+        # an uninterrupted one would.
+        datasets={"train": ray.data.read_parquet(cfg.data.output).select_columns(columns)},
+        dataset_config=ray.train.DataConfig(
+            execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False
+        ),
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+    )
+    return trainer.fit()
+
+
+def latest_checkpoint(cfg: Config) -> str | None:
+    """The newest complete checkpoint directory of the run (one with its state file), or None."""
+    import fsspec
+
+    from pipeline.storage import user_path
+
+    fs, root = fsspec.core.url_to_fs(run_dir(cfg))
+    if not fs.exists(root):
+        return None
+    folders = sorted(p for p in fs.ls(root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_"))
+    complete = [p for p in folders if fs.exists(f"{p}/{STATE_FILE}") and fs.exists(f"{p}/{WEIGHTS_FILE}")]
+    return user_path(fs, complete[-1]) if complete else None
+
+
+def export_path(cfg: Config) -> str:
+    return cfg.train.export_path or f"{run_dir(cfg)}/export"
+
+
+def export_latest(cfg: Config, checkpoint: str | None = None) -> str:
+    """Export the student of `checkpoint` (default: the run's latest) for generation; returns where."""
+    from pipeline.checkpoint import export_student
+    from pipeline.storage import local_copy
+
+    checkpoint = checkpoint or latest_checkpoint(cfg)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir(cfg)}: no complete checkpoint to export")
+    with local_copy(f"{checkpoint.rstrip('/')}/{WEIGHTS_FILE}") as weights, local_copy(f"{checkpoint.rstrip('/')}/{STATE_FILE}") as state:
+        step = json.loads(Path(state).read_text())["step"]
+        export_student(weights, cfg, export_path(cfg), source={"checkpoint": checkpoint, "step": step})
+    return export_path(cfg)
+
+
+def launch(cfg: Config, mode: Mode, teacher: RealScore | None = None) -> dict[str, Any]:
+    """The driver of a training job: MLflow run (resumed with the run), fit on Ray Train, export.
+    Returns a summary: final metrics, checkpoint, export path, MLflow URI and run id."""
+    from pipeline.tracking import MLflowTracker, NullTracker, tracking_uri
+
+    directory = run_dir(cfg)
+    tracker: Any = NullTracker()
+    uri = run_id = ""
+    if cfg.tracking.tracking_uri != "none":
+        tags = {"oneforce.mode": mode, "oneforce.config_hash": data.config_hash(cfg.to_dict()), **_git_tags()}
+        tracker = MLflowTracker(cfg.tracking, directory, cfg.to_dict(), f"{mode}:{run_name(cfg)}", tags=tags,
+                                uri=tracking_uri(cfg.tracking, directory))
+        uri, run_id = tracker.uri, tracker.run_id
+    try:
+        result = fit(cfg, mode, teacher, uri, run_id)
+        exported = export_latest(cfg, result.checkpoint.path if "://" not in directory else None)
+    except BaseException:
+        tracker.close()
+        raise
+    tracker.close()
+    return {"metrics": result.metrics, "checkpoint": result.checkpoint.path, "export": exported,
+            "tracking_uri": uri, "mlflow_run_id": run_id}
+
+
+def _git_tags() -> dict[str, str]:
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        return {}
+    return {"mlflow.source.git.commit": commit} if commit else {}
+
+
+def preflight(cfg: Config, mode: Mode) -> None:
+    """What can be checked on the driver before Ray and MLflow start: the dataset and the weights exist."""
+    import fsspec
+
+    info = data.read_info(cfg.data.output)  # names the directory when it is not a dataset
+    if not data.shard_paths(cfg.data.output):
+        raise FileNotFoundError(f"data.output={cfg.data.output}: no shards; run jobs/preprocess.py first")
+    if mode == "ode_init" and not info.trajectory_timesteps:
+        raise ValueError(f"data.output={cfg.data.output} holds no ODE trajectories: preprocess with data.trajectory_steps set")
+    expected = (student_latent_channels(cfg), cfg.model.num_latent_frames, cfg.model.latent_height, cfg.model.latent_width)
+    if tuple(info.latent.shape) != expected:
+        raise ValueError(
+            f"data.output={cfg.data.output} holds latents of shape {list(info.latent.shape)}, the config asks for "
+            f"{list(expected)} (model.num_latent_frames, model.latent_height, model.latent_width)"
+        )
+    for key in ("teacher_path", "student_path", "critic_path", "text_encoder_path"):
+        path = getattr(cfg.model, key)
+        if path and not fsspec.core.url_to_fs(path)[0].exists(fsspec.core.url_to_fs(path)[1]):
+            raise FileNotFoundError(f"model.{key}={path}: no such file or directory")
+
+
+def student_latent_channels(cfg: Config) -> int:
+    from pipeline.models.loading import student_architecture
+
+    return int(student_architecture(cfg.model)["in_channels"])
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    metrics = {k: round(v, 4) for k, v in summary["metrics"].items() if isinstance(v, float)}
+    lines = [
+        f"finished at step {summary['metrics'].get('step')}: {json.dumps(metrics)}",
+        f"checkpoint: {summary['checkpoint']}",
+        f"export:     {summary['export']}   (python jobs/generate.py --checkpoint {summary['export']} --prompts FILE --out DIR)",
+    ]
+    if summary["tracking_uri"]:
+        lines.append(f"MLflow run {summary['mlflow_run_id']}: mlflow ui --backend-store-uri {summary['tracking_uri']}")
+    return "\n".join(lines)

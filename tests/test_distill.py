@@ -1,0 +1,127 @@
+"""Distillation and ODE init on Ray Train + DeepSpeed against the plain single-process loop."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import data, distill, trainer
+from pipeline.config import Config, load_config
+from pipeline.models.loading import load_critic, load_student, load_teacher
+
+COMPARED = ("critic_loss", "critic_flow", "gan_d", "dmd", "gan_g", "ode_loss")
+FRAMES, TRAJECTORY = 3, (1000.0, 750.0, 500.0, 250.0)
+
+
+def write_tiny_dataset(out: str, rows: int = 4, seed: int = 0) -> None:
+    """A dataset in the preprocessed layout for the `tiny` architecture (random tensors: the loop's
+    mechanics, not its quality, are under test here)."""
+    g = torch.Generator().manual_seed(seed)
+    info = data.DatasetInfo(
+        config_hash="tiny", teacher_id="random:tiny:0", text_embedding=data.TensorSpec((5, 32), "float32"),
+        latent=data.TensorSpec((4, FRAMES, 8, 8), "float32"), trajectory_timesteps=TRAJECTORY, negative_prompt="",
+    )
+    data.write_info(out, info)
+    data.write_negative_prompt(out, "", torch.randn(5, 32, generator=g) * 0.1)
+    ids = [f"{i:016x}" for i in range(rows)]
+    data.write_shard(out, info, {
+        "id": ids, "prompt": [f"prompt {i}" for i in range(rows)], "seed": list(range(rows)), "kind": ["teacher"] * rows,
+        "text_embedding": torch.randn(rows, 5, 32, generator=g), "latent": torch.randn(rows, 4, FRAMES, 8, 8, generator=g),
+        "trajectory": torch.randn(rows, len(TRAJECTORY), 4, FRAMES, 8, 8, generator=g),
+    })
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("tiny_data"))
+    write_tiny_dataset(out)
+    return out
+
+
+def tiny_config(dataset: str, storage: str, name: str, *overrides: str) -> Config:
+    return load_config(None, [
+        f"name={name}", f"data.output={dataset}", f"train.storage_path={storage}", "tracking.tracking_uri=none",
+        f"model.num_latent_frames={FRAMES}", "model.latent_height=8", "model.latent_width=8",
+        "method.gradient_num_blocks=2", "method.gen_every=2", "method.shift=3.0", "method.real_guidance=2.0",
+        "method.discriminator.feature_layers=[0, 1]", "method.r1_weight=1.0", "method.r2_weight=0.001",
+        "train.lr=1e-3", "train.critic_lr=1e-3", "train.ema_start_step=2", "train.steps=5", "train.checkpoint_every=5",
+        "ray.resources_per_worker={CPU: 0.5}", "ray.teacher_actors=0", *overrides,
+    ])
+
+
+def plain_history(cfg: Config, batches: list[dict]) -> list[dict[str, float]]:
+    """The reference: the same steps in this process, fed `batches` in order."""
+    negative = data.read_negative_prompt(cfg.data.output)
+    student, critic = load_student(cfg.model), load_critic(cfg)
+    ctx = distill.StepContext(
+        cfg, distill.TorchOptimised(student, cfg.train.lr, cfg.train),
+        distill.LocalTeacher(load_teacher(cfg.model), negative, cfg.method.real_guidance),
+        distill.LocalCritic(distill.TorchOptimised(critic, cfg.train.critic_lr, cfg.train), cfg.method),
+        lambda: distill.module_state(student),
+    )
+    return distill.plain_distill(ctx, iter(batches), range(len(batches)))
+
+
+def rows_by_id(dataset: str) -> dict[str, dict]:
+    rows = data.read_dataset(dataset)
+    return {row_id: i for i, row_id in enumerate(rows["id"])}, rows
+
+
+def batches_read(history: list[dict], dataset: str) -> list[dict]:
+    """The rows each step's workers read, rank by rank, as one batch per step."""
+    index, rows = rows_by_id(dataset)
+    batches = []
+    for entry in history:
+        take = [index[i] for ids in entry["ids"] for i in ids]
+        batches.append({k: (v[take] if isinstance(v, torch.Tensor) else [v[i] for i in take]) for k, v in rows.items() if v is not None})
+    return batches
+
+
+def history_of(result) -> list[dict]:
+    with result.checkpoint.as_directory() as directory:
+        return json.loads((Path(directory) / trainer.STATE_FILE).read_text())["history"]
+
+
+def assert_same_losses(distributed: list[dict], reference: list[dict], keys=COMPARED, rel=1e-4) -> None:
+    assert len(distributed) == len(reference)
+    for step, (got, want) in enumerate(zip(distributed, reference)):
+        shared = [k for k in keys if k in want]
+        assert shared and all(k in got for k in shared), (step, sorted(got), sorted(want))
+        for key in shared:
+            assert got[key] == pytest.approx(want[key], rel=rel, abs=1e-7), (step, key, got[key], want[key])
+
+
+@pytest.fixture(scope="module")
+def one_worker_run(ray_local, tiny_data, tmp_path_factory):
+    """1 Train worker (ZeRO-2) and 1 teacher actor: the distributed run every other test compares with."""
+    from actors.teacher import TeacherPool
+
+    storage = str(tmp_path_factory.mktemp("runs"))
+    cfg = tiny_config(tiny_data, storage, "one", "ray.teacher_actors=1", "ray.teacher_resources={CPU: 0.5}")
+    pool = TeacherPool.start(cfg, data.read_negative_prompt(tiny_data))
+    try:
+        result = trainer.fit(cfg, "distill", pool)
+    finally:
+        pool.shutdown()
+    return cfg, result
+
+
+def test_one_worker_with_teacher_actor_equals_plain_loop(one_worker_run):
+    cfg, result = one_worker_run
+    history = history_of(result)
+    assert [h["step"] for h in history] == list(range(5))
+    assert sum("dmd" in h for h in history) == 3  # steps 0, 2, 4 update the generator first
+    assert_same_losses(history, plain_history(cfg, batches_read(history, cfg.data.output)))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_workers_equal_plain_loop_on_the_rows_they_read(ray_local, tiny_data, tmp_path, stage):
+    cfg = tiny_config(tiny_data, str(tmp_path), f"two-z{stage}", "ray.num_workers=2", f"train.zero_stage={stage}")
+    history = history_of(trainer.fit(cfg, "distill"))
+    assert all(len(h["ids"]) == 2 for h in history)
+    assert len({i for h in history[:2] for ids in h["ids"] for i in ids}) == 4  # the two ranks read different rows
+    assert_same_losses(history, plain_history(cfg, batches_read(history, cfg.data.output)))
