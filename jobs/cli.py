@@ -1,12 +1,36 @@
-"""The command line every job shares: --config FILE, dotted overrides, --dry-run, one-line errors."""
+"""The command line every job shares: --config FILE, dotted overrides, --dry-run, one-line errors.
+
+`run_main` runs a job under `pipeline.failures.run_guarded`: errors (on the driver or inside Ray) print
+one line and exit 2 (bad input) or 1, with the traceback in a log file; Ctrl-C/SIGTERM exit with one
+line; MLflow runs end FAILED or KILLED accordingly.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+import yaml
 
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.failures import EXIT_BAD_INPUT, run_guarded
+
+
+def yaml_error_line(err: yaml.YAMLError, overrides: list[str]) -> str:
+    """A YAML syntax error as `file:line:column: problem` (or the override it is in) instead of
+    PyYAML's multi-line report."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if mark is not None and mark.name != "<unicode string>":  # read from the --config file
+        return f"{mark.name}:{mark.line + 1}:{mark.column + 1}: {problem} (not valid YAML)"
+    for item in overrides:
+        try:
+            yaml.safe_load(item.partition("=")[2])
+        except yaml.YAMLError:
+            return f"override '{item}': {problem} (not valid YAML)"
+    return f"{problem} (not valid YAML)"
 
 
 def parse(description: str, argv: list[str] | None = None, extra: Callable[[argparse.ArgumentParser], None] | None = None):
@@ -20,12 +44,19 @@ def parse(description: str, argv: list[str] | None = None, extra: Callable[[argp
     args = parser.parse_intermixed_args(argv)  # overrides may sit before, between or after options
     try:
         cfg = load_config(args.config, args.overrides)
+    except yaml.YAMLError as err:  # in the file, or in an override's value
+        _exit_bad_input(yaml_error_line(err, args.overrides))
     except (ConfigError, OSError) as err:
-        sys.exit(f"error: {err}")
+        _exit_bad_input(str(err))
     if args.dry_run:
         print(cfg.to_yaml())
         sys.exit(0)
     return cfg, args
+
+
+def _exit_bad_input(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 def run_main(
@@ -33,10 +64,6 @@ def run_main(
     description: str,
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> None:
-    """Parse, run, and turn expected failures (bad input) into one line on stderr and exit code 2."""
+    """Parse, then run `main` under the shared failure handling (pipeline/failures.py)."""
     cfg, args = parse(description, extra=extra)
-    try:
-        main(cfg, args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_guarded(lambda: main(cfg, args), job=Path(sys.argv[0]).stem or "job")

@@ -29,9 +29,11 @@ from actors.teacher import TeacherSamplerStage
 from jobs.cli import run_main
 from pipeline import data
 from pipeline.config import Config
+from pipeline.failures import about
 from pipeline.flow import sampling_timesteps, schedule_through
 from pipeline.models.loading import load_text_encoder, teacher_config, teacher_id
 from pipeline.rollout import training_steps
+from pipeline.storage import check_exists, check_writable, naming
 from pipeline.tracking import open_tracker
 
 SHOWN_BAD_LINES = 20
@@ -115,8 +117,38 @@ def preprocess_settings(cfg: Config) -> dict[str, Any]:
 def _encode_negative(model: dict[str, Any], prompt: str) -> tuple[Any, str]:
     from pipeline.config import ModelConfig, build
 
-    embedding = load_text_encoder(build(ModelConfig, model)).encode([prompt])[0]
+    with about("model.text_encoder_path", model["text_encoder_path"]):
+        encoder = load_text_encoder(build(ModelConfig, model))
+    embedding = encoder.encode([prompt])[0]
     return data.pack(embedding), str(embedding.dtype).removeprefix("torch.")
+
+
+class NamedTeacherStage(TeacherSamplerStage):
+    """The teacher stage, whose load errors name `model.teacher_path` (diffusers' do not)."""
+
+    def __init__(self, model: dict[str, Any], **kwargs: Any) -> None:
+        if not model["teacher_path"]:
+            super().__init__(model, **kwargs)
+            return
+        with about("model.teacher_path", model["teacher_path"]):
+            super().__init__(model, **kwargs)
+
+
+def preflight(cfg: Config) -> None:
+    """What the driver can check in a second, before Ray and the MLflow run start (each of these used to
+    surface from a Ray worker after half a minute of start-up): settings, inputs, the output."""
+    if not (cfg.data.prompts or cfg.data.videos) or not cfg.data.output:
+        raise ValueError("set data.prompts and/or data.videos (file, directory or glob) and data.output (directory, local or s3://)")
+    for key, spec in (("data.prompts", cfg.data.prompts), ("data.videos", cfg.data.videos)):
+        if spec:
+            with naming(spec, key):
+                data.list_files(spec, data.PROMPT_SUFFIXES if key == "data.prompts" else (".jsonl", ".csv", ".parquet"))
+    for key in ("teacher_path", "text_encoder_path"):
+        if getattr(cfg.model, key):
+            check_exists(getattr(cfg.model, key), f"model.{key}")
+    if cfg.model.codec and not cfg.model.codec.startswith("patch:"):
+        check_exists(cfg.model.codec, "model.codec")
+    check_writable(cfg.data.output, "data.output")
 
 
 def summary_lines(plan: Plan, written: int, seconds: float) -> list[str]:
@@ -136,9 +168,9 @@ def summary_lines(plan: Plan, written: int, seconds: float) -> list[str]:
 def run(cfg: Config) -> tuple[Plan, int]:
     """The whole job on an initialised Ray; returns the plan (with videos that failed added to its bad
     lines) and the number of rows written."""
-    if not (cfg.data.prompts or cfg.data.videos) or not cfg.data.output:
-        raise ValueError("set data.prompts and/or data.videos (file, directory or glob) and data.output (directory, local or s3://)")
-    written_before = data.written_ids(cfg.data.output)
+    preflight(cfg)
+    with naming(cfg.data.output, "data.output"):
+        written_before = data.written_ids(cfg.data.output)
     plans = []
     if cfg.data.prompts:
         parsed = parse_prompt_files(data.list_files(cfg.data.prompts), cfg.data.max_prompt_chars)
@@ -161,8 +193,9 @@ def run(cfg: Config) -> tuple[Plan, int]:
         trajectory_timesteps=tuple(keep),
         negative_prompt=cfg.method.negative_prompt,
     )
-    data.write_info(cfg.data.output, info)
-    data.write_negative_prompt(cfg.data.output, cfg.method.negative_prompt, negative)
+    with naming(cfg.data.output, "data.output"):
+        fresh = data.write_info(cfg.data.output, info)
+        data.write_negative_prompt(cfg.data.output, cfg.method.negative_prompt, negative, replace=fresh)
 
     def encoded(pending: list[dict[str, Any]]) -> ray.data.Dataset:
         blocks = min(len(pending), math.ceil(len(pending) / cfg.data.batch_rows))
@@ -175,7 +208,7 @@ def run(cfg: Config) -> tuple[Plan, int]:
     teacher_rows = [r for p in plans for r in p.pending if r["kind"] == "teacher"]
     if teacher_rows:
         stages.append((len(teacher_rows), encoded(teacher_rows).map_batches(
-            TeacherSamplerStage,
+            NamedTeacherStage,
             fn_constructor_kwargs={
                 "model": model, "latent_shape": latent_shape, "timesteps": timesteps, "keep_at": keep,
                 "guidance": cfg.data.teacher_guidance, "negative_embedding": packed, "text_dtype": text_dtype,
@@ -206,20 +239,22 @@ def run(cfg: Config) -> tuple[Plan, int]:
 
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
+    preflight(cfg)
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address or None)
     start = time.perf_counter()
-    tracker = open_tracker(cfg.tracking, tempfile.mkdtemp(prefix="preprocess-"), dataclasses.asdict(cfg), "preprocess")
-    try:
-        plan, written = run(cfg)
-        seconds = time.perf_counter() - start
-        print("\n".join(summary_lines(plan, written, seconds)))
-        tracker.log_metrics(
-            {"lines": plan.lines, "bad_lines": len(plan.bad), "duplicates": plan.duplicates,
-             "already_written": plan.already_written, "written": written, "seconds": seconds}, step=0
-        )
-    finally:
-        tracker.close()
+    with tempfile.TemporaryDirectory(prefix="preprocess-") as run_dir:  # holds only the MLflow run id
+        tracker = open_tracker(cfg.tracking, run_dir, dataclasses.asdict(cfg), "preprocess")
+        try:
+            plan, written = run(cfg)
+            seconds = time.perf_counter() - start
+            print("\n".join(summary_lines(plan, written, seconds)))
+            tracker.log_metrics(
+                {"lines": plan.lines, "bad_lines": len(plan.bad), "duplicates": plan.duplicates,
+                 "already_written": plan.already_written, "written": written, "seconds": seconds}, step=0
+            )
+        finally:
+            tracker.close()  # FAILED or KILLED when an exception or a signal is on its way out
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.storage import user_path
+from pipeline.storage import is_local, user_path
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 TENSOR_COLUMNS = ("text_embedding", "latent", "trajectory")
@@ -396,19 +396,26 @@ def _table_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def write_info(output: str, info: DatasetInfo) -> None:
-    """Write `_dataset.json`, or check an existing one matches (a resumed run must not mix configs)."""
+def write_info(output: str, info: DatasetInfo) -> bool:
+    """Write `_dataset.json`, or check an existing one matches (a resumed run must not mix configs).
+    A dataset with no shard yet (an earlier run failed before writing a row) takes the new config.
+    Returns whether the description was (re)written."""
     fs, root = _fs(output)
     path = f"{root}/{DATASET_INFO}"
     if fs.exists(path):
         existing = DatasetInfo.from_json(fs.cat(path).decode(), f"{output}/{DATASET_INFO}")
-        if existing.config_hash != info.config_hash:
+        if existing.config_hash == info.config_hash:
+            return False
+        shards = shard_paths(output)
+        if shards:
+            remove = f"rm -r {output}" if is_local(fs) else f"aws s3 rm --recursive {output}"
             raise ValueError(
-                f"{output} was written with another config (hash {existing.config_hash}, this run "
-                f"{info.config_hash}): resume it with the same settings or choose a new data.output"
+                f"{output} holds {len(shards)} shards written with another config (hash {existing.config_hash}, "
+                f"this run {info.config_hash}): resume it with the same settings, choose a new data.output, "
+                f"or start over with `{remove}`"
             )
-        return
     _write_atomic(fs, root, DATASET_INFO, info.to_json().encode())
+    return True
 
 
 def read_info(output: str) -> DatasetInfo:
@@ -419,10 +426,10 @@ def read_info(output: str) -> DatasetInfo:
     return DatasetInfo.from_json(fs.cat(path).decode(), f"{output}/{DATASET_INFO}")
 
 
-def write_negative_prompt(output: str, prompt: str, embedding: torch.Tensor) -> None:
-    """The negative prompt's (L, D) embedding, once per dataset."""
+def write_negative_prompt(output: str, prompt: str, embedding: torch.Tensor, replace: bool = False) -> None:
+    """The negative prompt's (L, D) embedding, once per dataset (again with `replace`: a new config)."""
     fs, root = _fs(output)
-    if fs.exists(f"{root}/{NEGATIVE_PROMPT}"):
+    if not replace and fs.exists(f"{root}/{NEGATIVE_PROMPT}"):
         return
     array, dtype = tensor_array(embedding[None])
     schema = pa.schema([pa.field("prompt", pa.string()), pa.field("text_embedding", array.type, metadata={"torch_dtype": dtype})])

@@ -1,13 +1,31 @@
-"""Local paths and fsspec URLs (s3://...) behind one set of helpers, so every job takes either."""
+"""Local paths and fsspec URLs (s3://...) behind one set of helpers, so every job takes either.
+
+S3 calls are bounded (a short connect timeout, two attempts), so an unreachable endpoint fails in
+seconds, and storage errors are named by URL and cause (`naming`, `storage_cause`): no credentials,
+endpoint unreachable, bucket missing, access denied.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+# fsspec applies these to every S3FileSystem it builds (in this process and in every Ray worker that
+# imports this module); settings a user put in fsspec's config win. botocore's defaults (60 s connect
+# timeout, legacy retries) made an unreachable endpoint take most of a minute to report.
+S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 3, "read_timeout": 60, "retries": {"max_attempts": 2, "mode": "standard"}}}
+for _key, _value in S3_DEFAULTS.items():
+    fsspec.config.conf.setdefault("s3", {}).setdefault(_key, _value)
+
+
+class StorageError(OSError):
+    """A storage failure, named by the URL it concerns and its cause."""
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -17,6 +35,81 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def user_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """`path` as the user would write it: with its protocol (s3://...) unless it is local."""
     return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def _error_code(err: BaseException) -> str:
+    """The S3 error code of a botocore ClientError, possibly behind s3fs's OSError translation."""
+    for candidate in (err, err.__cause__):
+        response = getattr(candidate, "response", None)
+        if isinstance(response, dict):
+            return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def storage_cause(err: BaseException) -> str | None:
+    """What an object-store failure means for the user, or None when `err` is not one."""
+    names = {c.__name__ for c in type(err).__mro__}
+    code = _error_code(err)
+    if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+        return "no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ProxyConnectionError"}:
+        return f"endpoint unreachable ({getattr(err, 'kwargs', {}).get('endpoint_url') or err})"
+    if code == "NoSuchBucket":
+        return "bucket missing"
+    if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden") or (
+        isinstance(err, PermissionError) and code
+    ):
+        return f"access denied ({code}: check the keys and the bucket's permissions)"
+    return None
+
+
+@contextlib.contextmanager
+def naming(url: str, what: str = "") -> Iterator[None]:
+    """Turn an object-store failure inside the block into a StorageError naming `what` (a config key)
+    and `url` and the cause, in one line."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as err:
+        cause = storage_cause(err)
+        if cause is None:
+            raise
+        raise StorageError(f"{what}={url}: {cause}" if what else f"{url}: {cause}") from err
+
+
+def check_exists(url: str, what: str) -> None:
+    """Fail fast, before Ray and MLflow start, when an input `what`=`url` is not there."""
+    with naming(url, what):
+        fs, path = fsspec.core.url_to_fs(url)
+        if not is_local(fs):
+            _check_bucket(fs, path)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"{what}={url}: no such file or directory")
+
+
+def check_writable(url: str, what: str) -> None:
+    """Fail fast when the output `what`=`url` cannot be written: a local folder whose nearest existing
+    parent is not a writable directory, or a bucket that is missing or refuses us."""
+    with naming(url, what):
+        fs, path = fsspec.core.url_to_fs(url)
+        if not is_local(fs):
+            _check_bucket(fs, path)
+            return
+        existing = Path(path).absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{what}={url}: {existing} is a file, not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"{what}={url}: {existing} is not writable")
+
+
+def _check_bucket(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """One request that fails for a missing bucket, refused keys or an unreachable endpoint."""
+    call = getattr(fs, "call_s3", None)
+    if call is not None:
+        call("list_objects_v2", Bucket=path.split("/", 1)[0], MaxKeys=1)
 
 
 class local_copy:
@@ -33,7 +126,12 @@ class local_copy:
             return fs_path
         self._tmp = tempfile.TemporaryDirectory(prefix="oneforce-")
         target = os.path.join(self._tmp.name, Path(fs_path.rstrip("/")).name)
-        fs.get(fs_path, target, recursive=fs.isdir(fs_path))
+        try:
+            with naming(self.path):
+                fs.get(fs_path, target, recursive=fs.isdir(fs_path))
+        except BaseException:
+            self._tmp.cleanup()
+            raise
         return target
 
     def __exit__(self, *exc: object) -> None:

@@ -8,10 +8,12 @@ same run appends to the same MLflow run instead of starting a new one.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.config import TrackingConfig
+from pipeline.failures import run_status
 
 
 class Tracker(Protocol):
@@ -19,7 +21,7 @@ class Tracker(Protocol):
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, status: str | None = None) -> None: ...
 
 
 class NullTracker:
@@ -29,7 +31,7 @@ class NullTracker:
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, status: str | None = None) -> None:
         pass
 
 
@@ -55,8 +57,10 @@ class MLflowTracker:
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._mlflow.log_artifact(path, artifact_path)
 
-    def close(self) -> None:
-        self._mlflow.end_run()
+    def close(self, status: str | None = None) -> None:
+        """End the run as `status`; by default FAILED when called (from a `finally`) while an exception
+        propagates, KILLED while Ctrl-C/SIGTERM does, else FINISHED."""
+        self._mlflow.end_run(status=status or run_status(sys.exc_info()[1]))
 
 
 def open_tracker(cfg: TrackingConfig, run_dir: str, params: dict[str, Any], run_name: str, rank: int = 0) -> Tracker:
