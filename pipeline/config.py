@@ -66,11 +66,13 @@ class DiscriminatorConfig:
     num_registers: int = 1
     num_heads: int = 2
     ffn_dim: int = 64
-    hidden_dim: int = 64
+    hidden_dim: int | None = None  # the head's hidden width; None = the critic's width D, as the paper has it
     timestep_conditioning: bool = False
 
     def __post_init__(self) -> None:
-        _positive(self, "num_registers", "num_heads", "ffn_dim", "hidden_dim")
+        _positive(self, "num_registers", "num_heads", "ffn_dim")
+        if self.hidden_dim is not None and self.hidden_dim <= 0:
+            raise ConfigError("method.discriminator.hidden_dim must be > 0 (or null: the critic's width)")
         if not self.feature_layers:
             raise ConfigError("method.discriminator.feature_layers must name at least one critic layer")
 

@@ -353,7 +353,8 @@ def generator_step(ctx: StepContext, batch: Batch, step: int) -> dict[str, float
         "gan_g": float(feedback.gan_loss),
         "dmd_normaliser": float((sample - x0_real).abs().mean()),
     }
-    if not all_finite(gradient, feedback.gan_loss):
+    # Non-finite scores would vanish in the direction's nan_to_num: check what goes in, not only what comes out.
+    if not all_finite(x0_real, feedback.x0_fake, gradient, feedback.gan_loss):
         return {**metrics, "generator_skipped": 1.0}
     ctx.student.backward((x0.float() * gradient).sum())  # d/dx0 of this surrogate is exactly `gradient`
     metrics["generator_grad_norm"] = ctx.student.step()

@@ -278,6 +278,19 @@ def run_dir(cfg: Config) -> str:
     return f"{storage_root(cfg).rstrip('/')}/{run_name(cfg)}"
 
 
+def ray_storage(cfg: Config):
+    """(storage_path, storage_filesystem) for Ray Train: URLs go through the same fsspec filesystem as
+    every other s3:// path of the project (credentials and endpoint from the same environment)."""
+    root = storage_root(cfg)
+    if "://" not in root:
+        return root, None
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = fsspec.core.url_to_fs(root)
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
 def resource_plan(cfg: Config, mode: Mode) -> dict[str, Any]:
     """Where each role runs, for `--dry-run` and the job's first lines."""
     r = cfg.ray
@@ -306,6 +319,7 @@ def fit(cfg: Config, mode: Mode, teacher: RealScore | None = None, tracking_uri:
         teacher=teacher, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id,
     )
     r = cfg.ray
+    storage_path, storage_filesystem = ray_storage(cfg)
     trainer = TorchTrainer(
         lambda config: train_worker(config["spec"]),
         train_loop_config={"spec": spec},
@@ -313,7 +327,7 @@ def fit(cfg: Config, mode: Mode, teacher: RealScore | None = None, tracking_uri:
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=dict(r.resources_per_worker)
         ),
         run_config=ray.train.RunConfig(
-            name=run_name(cfg), storage_path=storage_root(cfg),
+            name=run_name(cfg), storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
         ),

@@ -125,3 +125,82 @@ def test_two_workers_equal_plain_loop_on_the_rows_they_read(ray_local, tiny_data
     assert all(len(h["ids"]) == 2 for h in history)
     assert len({i for h in history[:2] for ids in h["ids"] for i in ids}) == 4  # the two ranks read different rows
     assert_same_losses(history, plain_history(cfg, batches_read(history, cfg.data.output)))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_relaunched_run_continues_as_the_uninterrupted_one(one_worker_run, s3_server, tmp_path, where):
+    """Stop after the checkpoint at step 3, relaunch the same run name: steps 3 and 4 (and the data they
+    read) equal the uninterrupted run's."""
+    from actors.teacher import TeacherPool
+
+    reference_cfg, reference = one_worker_run
+    storage = str(tmp_path) if where == "local" else f"s3://oneforce-test/runs-{tmp_path.name}"
+    common = ("ray.teacher_actors=1", "ray.teacher_resources={CPU: 0.5}")
+    first = tiny_config(reference_cfg.data.output, storage, "resumed", *common, "train.steps=3", "train.checkpoint_every=3")
+    pool = TeacherPool.start(first, data.read_negative_prompt(first.data.output))
+    try:
+        stopped = trainer.fit(first, "distill", pool)
+        assert [h["step"] for h in history_of(stopped)] == [0, 1, 2]
+        again = tiny_config(reference_cfg.data.output, storage, "resumed", *common)
+        resumed = trainer.fit(again, "distill", pool)
+    finally:
+        pool.shutdown()
+    assert resumed.checkpoint.path.startswith(trainer.storage_root(again).removeprefix("s3://"))
+    got, want = history_of(resumed), history_of(reference)
+    assert [h["ids"] for h in got] == [h["ids"] for h in want]
+    assert_same_losses(got, want, rel=1e-6)
+
+
+class NaNAtStep:
+    """A real score that is not finite at one call: the generator update of that step must be skipped."""
+
+    def __init__(self, inner: distill.RealScore, bad_call: int) -> None:
+        self.inner, self.bad_call, self.calls = inner, bad_call, 0
+
+    def real_x0(self, x_t, t, text):
+        value = self.inner.real_x0(x_t, t, text).result()
+        self.calls += 1
+        return distill.Ready(value * float("nan") if self.calls - 1 == self.bad_call else value)
+
+
+def test_non_finite_generator_loss_skips_the_update_and_leaves_weights(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, str(tmp_path), "nan")
+    negative = data.read_negative_prompt(tiny_data)
+    student = load_student(cfg.model)
+    critic_opt = distill.TorchOptimised(load_critic(cfg), cfg.train.critic_lr, cfg.train)
+    student_opt = distill.TorchOptimised(student, cfg.train.lr, cfg.train)
+    teacher = NaNAtStep(distill.LocalTeacher(load_teacher(cfg.model), negative, cfg.method.real_guidance), bad_call=1)
+    ctx = distill.StepContext(cfg, student_opt, teacher, distill.LocalCritic(critic_opt, cfg.method), lambda: distill.module_state(student))
+    rows = data.read_dataset(tiny_data)
+    batches = distill.epoch_batches(rows, 2)
+    history = distill.plain_distill(ctx, batches, range(2))  # step 0 updates the generator normally
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    moments = {id(p): s["exp_avg"].clone() for p, s in student_opt.optimizer.state.items()}
+    metrics = distill.distill_step(ctx, distill.rows_to_batch(next(batches), [4, 5]), 2)  # the NaN call
+    assert history[0]["generator_skipped"] == 0.0 and metrics["generator_skipped"] == 1.0
+    assert not math.isfinite(metrics["dmd_normaliser"])
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert all(torch.equal(moments[id(p)], s["exp_avg"]) for p, s in student_opt.optimizer.state.items())
+    assert metrics["critic_skipped"] == 0.0  # the critic's own losses were finite: it still steps
+
+
+def _all_finite_on_two_ranks(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        finite = torch.tensor(1.0)
+        results[rank] = (distill.all_finite(finite), distill.all_finite(finite if rank == 0 else finite * float("inf")))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank():
+    import torch.multiprocessing as mp
+
+    from tests.conftest import _free_port
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_all_finite_on_two_ranks, args=(_free_port(), results), nprocs=2)
+        assert dict(results) == {0: (True, False), 1: (True, False)}
