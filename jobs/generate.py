@@ -33,10 +33,11 @@ from jobs.cli import run_main
 from jobs.preprocess import SHOWN_BAD_LINES, parse_prompt_files, ray_resources
 from pipeline import data
 from pipeline.config import Config
+from pipeline.failures import Interrupted, interrupt_signal
+from pipeline.storage import check_exists, check_writable, naming
 from pipeline.tracking import open_tracker
 
 MANIFEST_JSONL, MANIFEST_PARQUET = "manifest.jsonl", "manifest.parquet"
-SAVE_EVERY_SECONDS = 10.0
 
 
 def read_manifest(out: str) -> list[dict[str, Any]]:
@@ -123,13 +124,26 @@ def summary_lines(plan: Plan, new: list[dict[str, Any]], seconds: float) -> list
     return lines
 
 
+def preflight(checkpoint: str, prompts: str, out: str) -> list[str]:
+    """The checks the driver makes in a second, before Ray and MLflow start; returns the prompt files."""
+    check_exists(checkpoint, "--checkpoint")
+    with naming(prompts, "--prompts"):
+        files = data.list_files(prompts)
+    check_writable(out, "--out")
+    return files
+
+
 def run(cfg: Config, checkpoint: str, prompts: str, out: str) -> tuple[Plan, list[dict[str, Any]]]:
-    """The whole job on an initialised Ray: returns the plan and the manifest rows of new clips."""
-    fs, path = fsspec.core.url_to_fs(checkpoint)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"checkpoint {checkpoint}: no such file or directory")
-    parsed = parse_prompt_files(data.list_files(prompts), cfg.generate.max_prompt_chars)
-    plan = plan_clips(parsed, cfg, read_manifest(out), existing_files(out))
+    """The whole job on an initialised Ray: returns the plan and the manifest rows of new clips. The
+    manifest is rewritten after every finished batch and when the run stops early (Ctrl-C, SIGTERM, an
+    error), so a rerun regenerates only the clips that were not finished."""
+    files = preflight(checkpoint, prompts, out)
+    parsed = parse_prompt_files(files, cfg.generate.max_prompt_chars, "generate.max_prompt_chars")
+    with naming(out, "--out"):
+        plan = plan_clips(parsed, cfg, read_manifest(out), existing_files(out))
+    if not plan.pending and not plan.kept:
+        shown = "; ".join(str(b) for b in plan.bad[:3])
+        raise ValueError(f"{prompts}: no usable prompt ({plan.lines} lines read, {len(plan.bad)} bad" + (f": {shown})" if shown else ")"))
     new: list[dict[str, Any]] = []
     if not plan.pending:
         write_manifest(out, plan.kept)
@@ -141,35 +155,41 @@ def run(cfg: Config, checkpoint: str, prompts: str, out: str) -> tuple[Plan, lis
         batch_size=1,
         **ray_resources(cfg.generate.resources),
     )
-    saved = time.perf_counter()
-    with tqdm(total=len(plan.pending), desc="generate", unit="clip") as progress:
-        for batch in rows.iter_batches(batch_size=None, batch_format="pandas"):
-            new.extend(batch.to_dict("records"))
-            progress.update(len(batch))
-            if time.perf_counter() - saved > SAVE_EVERY_SECONDS:
+    try:
+        with tqdm(total=len(plan.pending), desc="generate", unit="clip") as progress:
+            for batch in rows.iter_batches(batch_size=None, batch_format="pandas"):
+                new.extend(batch.to_dict("records"))
+                progress.update(len(batch))
                 write_manifest(out, plan.kept + new)
-                saved = time.perf_counter()
+    except BaseException as err:
+        write_manifest(out, plan.kept + new)  # the clips finished so far are not generated again
+        signum = interrupt_signal(err)
+        if signum is None:
+            raise
+        raise Interrupted(f"{len(plan.kept) + len(new)} clips kept; rerun to continue", signum) from None
     write_manifest(out, plan.kept + new)
     return plan, new
 
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
+    preflight(args.checkpoint, args.prompts, args.out)
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address or None)
     start = time.perf_counter()
-    tracker = open_tracker(cfg.tracking, tempfile.mkdtemp(prefix="generate-"), cfg.to_dict(), "generate")
-    try:
-        plan, new = run(cfg, args.checkpoint, args.prompts, args.out)
-        seconds = time.perf_counter() - start
-        print("\n".join(summary_lines(plan, new, seconds)))
-        if new:
-            tracker.log_metrics({
-                "clips": len(new), "seconds_per_clip": statistics.mean(r["seconds"] for r in new),
-                "first_frame_seconds": statistics.mean(r["first_frame_seconds"] for r in new),
-                "frames_per_second": statistics.mean(r["fps_generated"] for r in new),
-            }, step=0)
-    finally:
-        tracker.close()
+    with tempfile.TemporaryDirectory(prefix="generate-") as run_dir:  # holds only the MLflow run id
+        tracker = open_tracker(cfg.tracking, run_dir, cfg.to_dict(), "generate")
+        try:
+            plan, new = run(cfg, args.checkpoint, args.prompts, args.out)
+            seconds = time.perf_counter() - start
+            print("\n".join(summary_lines(plan, new, seconds)))
+            if new:
+                tracker.log_metrics({
+                    "clips": len(new), "seconds_per_clip": statistics.mean(r["seconds"] for r in new),
+                    "first_frame_seconds": statistics.mean(r["first_frame_seconds"] for r in new),
+                    "frames_per_second": statistics.mean(r["fps_generated"] for r in new),
+                }, step=0)
+        finally:
+            tracker.close()  # FAILED or KILLED when an exception or a signal is on its way out
 
 
 def extra_args(parser: argparse.ArgumentParser) -> None:

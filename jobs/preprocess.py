@@ -45,10 +45,11 @@ def ray_resources(resources: dict[str, float]) -> dict[str, Any]:
     return {"num_cpus": resources.get("CPU", 0), "num_gpus": resources.get("GPU", 0), **({"resources": rest} if rest else {})}
 
 
-def parse_prompt_files(files: list[str], max_chars: int) -> list[dict[str, Any]]:
-    """Every line of every file (`data.prompt_file_rows`), one Ray task per file."""
+def parse_prompt_files(files: list[str], max_chars: int, max_chars_key: str = "data.max_prompt_chars") -> list[dict[str, Any]]:
+    """Every line of every file (`data.prompt_file_rows`), one Ray task per file. `max_chars_key` is
+    the setting an over-long line's reason names."""
     items = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-    return items.flat_map(lambda row: data.prompt_file_rows(row["path"], max_chars), num_cpus=0.5).take_all()
+    return items.flat_map(lambda row: data.prompt_file_rows(row["path"], max_chars, max_chars_key), num_cpus=0.5).take_all()
 
 
 @dataclasses.dataclass

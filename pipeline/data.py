@@ -105,7 +105,7 @@ def list_files(spec: str, suffixes: tuple[str, ...] = PROMPT_SUFFIXES) -> list[s
     return [user_path(fs, p) for p in files]
 
 
-def read_prompt_file(path: str, max_chars: int) -> Iterator[PromptLine | BadLine]:
+def read_prompt_file(path: str, max_chars: int, max_chars_key: str = "data.max_prompt_chars") -> Iterator[PromptLine | BadLine]:
     """Every line of one prompt file, as a PromptLine or as a BadLine saying what is wrong with it.
 
     Raises ValueError (naming the file) only when the whole file is unusable: an unknown suffix, a CSV or
@@ -124,7 +124,7 @@ def read_prompt_file(path: str, max_chars: int) -> Iterator[PromptLine | BadLine
         raise ValueError(f"{path}: unsupported prompt file (use {', '.join(PROMPT_SUFFIXES)})")
     folder = path.rsplit("/", 1)[0]
     for line, fields in rows:
-        item = _validate(path, line, fields, max_chars)
+        item = _validate(path, line, fields, max_chars, max_chars_key)
         if isinstance(item, PromptLine) and item.video and "://" not in item.video and not item.video.startswith("/"):
             item = dataclasses.replace(item, video=f"{folder}/{item.video}")
         yield item
@@ -196,7 +196,7 @@ def _parquet_rows(path: str, data: bytes) -> Iterator[tuple[int, dict[str, Any] 
         yield number, {k: v for k, v in row.items() if v is not None or k == "prompt"}
 
 
-def _validate(path: str, line: int, fields: dict[str, Any] | str, max_chars: int) -> PromptLine | BadLine:
+def _validate(path: str, line: int, fields: dict[str, Any] | str, max_chars: int, max_chars_key: str) -> PromptLine | BadLine:
     if isinstance(fields, str):
         return BadLine(path, line, fields)
     prompt = fields.get("prompt")
@@ -205,7 +205,7 @@ def _validate(path: str, line: int, fields: dict[str, Any] | str, max_chars: int
     if not prompt.strip():
         return BadLine(path, line, "empty prompt")
     if len(prompt) > max_chars:
-        return BadLine(path, line, f"prompt has {len(prompt)} characters, more than data.max_prompt_chars={max_chars}")
+        return BadLine(path, line, f"prompt has {len(prompt)} characters, more than {max_chars_key}={max_chars}")
     numbers: dict[str, int | None] = {}
     for name, low in (("seed", 0), ("samples", 1)):
         value = fields.get(name)
@@ -225,12 +225,12 @@ def _validate(path: str, line: int, fields: dict[str, Any] | str, max_chars: int
     return PromptLine(path, line, prompt.strip(), numbers["seed"], numbers["samples"], video.strip() if video else None)
 
 
-def prompt_file_rows(path: str, max_chars: int) -> list[dict[str, Any]]:
+def prompt_file_rows(path: str, max_chars: int, max_chars_key: str = "data.max_prompt_chars") -> list[dict[str, Any]]:
     """One prompt file as flat rows for Ray Data: source, line, prompt, seed (-1 = unset), samples (0 =
     unset), video ("" = none), reason (why the line is bad; empty when good). Line 0 with a reason: the whole file is bad."""
     rows = []
     try:
-        for item in read_prompt_file(path, max_chars):
+        for item in read_prompt_file(path, max_chars, max_chars_key):
             if isinstance(item, BadLine):
                 rows.append({"source": item.source, "line": item.line, "prompt": "", "seed": -1, "samples": 0, "video": "", "reason": item.reason})
             else:

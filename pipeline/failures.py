@@ -222,6 +222,12 @@ def run_guarded(body: Callable[[], None], job: str) -> None:
             raise
         end_open_mlflow_run(err)
         code = report(err, job)
+        sys.stdout.flush()
         sys.stderr.flush()
+        if interrupt_signal(err) is not None:
+            # The job's cleanup has run. Ray's exit hooks, run while its Data threads still stream, can
+            # abort the driver after a SIGTERM (exit -6 instead of 143); the cluster reclaims a gone
+            # driver's actors and tasks either way.
+            os._exit(code)
         sys.exit(code)
     end_open_mlflow_run(None)

@@ -2,6 +2,12 @@
 identical seeds, and s3:// in and out on the local S3 server."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -10,7 +16,8 @@ import pytest
 from jobs import generate
 from pipeline.generation import ClipGenerator
 from pipeline.video import read_video
-from tests.test_generation import generation_config, save_toy_checkpoint
+from tests.test_failures import REPO, run_statuses
+from tests.test_generation import GENERATION_BASE, generation_config, save_toy_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -69,5 +76,48 @@ def test_s3_prompts_and_output(ray_local, s3_server, checkpoint):
 
 def test_a_missing_checkpoint_is_named(ray_local, tmp_path):
     (tmp_path / "p.txt").write_text("a red square moving left, fast\n")
-    with pytest.raises(FileNotFoundError, match="checkpoint .*nope: no such file"):
+    with pytest.raises(FileNotFoundError, match="--checkpoint=.*nope: no such file"):
         generate.run(_cfg(), str(tmp_path / "nope"), str(tmp_path / "p.txt"), str(tmp_path / "out"))
+
+
+def test_a_prompt_file_with_no_usable_line_is_an_error(ray_local, checkpoint, tmp_path):
+    (tmp_path / "p.txt").write_text("\n" + "x" * 30 + "\n")
+    with pytest.raises(ValueError, match=r"p.txt: no usable prompt \(2 lines read, 2 bad: .*:1: empty prompt; .*:2: prompt has 30 characters, more than generate.max_prompt_chars=20\)"):
+        generate.run(_cfg("generate.max_prompt_chars=20"), checkpoint, str(tmp_path / "p.txt"), str(tmp_path / "out"))
+
+
+def _manifest_rows(out: Path) -> list[dict]:
+    path = out / "manifest.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_keeps_every_finished_clip_and_marks_the_run_killed(ray_local, ray_cluster, checkpoint, tmp_path, signum):
+    """A real SIGINT (Ctrl-C) or SIGTERM to `python jobs/generate.py` while it works: one line, no
+    traceback, the manifest lists every clip finished, MLflow says KILLED, the rerun does the rest."""
+    prompts, out, uri = tmp_path / "p.txt", tmp_path / "videos", f"sqlite:///{tmp_path}/mlflow.db"
+    count = 24
+    prompts.write_text("".join(f"a red square moving left, fast {i}\n" for i in range(count)))
+    overrides = [*GENERATION_BASE, "generate.fps=8", "generate.resources={CPU: 1}", f"tracking.tracking_uri={uri}", f"ray.address={ray_cluster[0]}"]
+    env = {**os.environ, "ONEFORCE_LOG_DIR": str(tmp_path / "logs"), "PYTHONUNBUFFERED": "1"}
+    job = subprocess.Popen(
+        [sys.executable, "jobs/generate.py", "--checkpoint", checkpoint, "--prompts", str(prompts), "--out", str(out), *overrides],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 240
+    while len(_manifest_rows(out)) < 2:  # the manifest is written after every finished clip
+        assert job.poll() is None and time.time() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.1)
+    job.send_signal(signum)
+    _, stderr = job.communicate(timeout=120)
+    kept = _manifest_rows(out)
+    assert job.returncode == 128 + signum, stderr[-3000:]
+    assert [line for line in stderr.splitlines() if line.startswith(("interrupted:", "error:"))] == [
+        f"interrupted: {len(kept)} clips kept; rerun to continue"
+    ], stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert 2 <= len(kept) < count and all((out / r["path"]).exists() for r in kept)
+    assert run_statuses(uri) == ["KILLED"]
+
+    plan, new = generate.run(_cfg(), checkpoint, str(prompts), str(out))
+    assert len(plan.kept) == len(kept) and len(new) == count - len(kept)

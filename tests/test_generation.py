@@ -23,10 +23,12 @@ def save_toy_checkpoint(path):
     return path
 
 
+GENERATION_BASE = ["model.student_arch=toy-debug", "model.num_latent_frames=4", "model.latent_height=8", "model.latent_width=8",
+                   "method.gradient_num_blocks=1", "method.shift=3.0"]
+
+
 def generation_config(*overrides):
-    base = ["model.student_arch=toy-debug", "model.num_latent_frames=4", "model.latent_height=8", "model.latent_width=8",
-            "method.gradient_num_blocks=1", "method.shift=3.0"]
-    return load_config(None, base + list(overrides))
+    return load_config(None, GENERATION_BASE + list(overrides))
 
 
 @pytest.fixture(scope="module")
