@@ -33,6 +33,7 @@ def main(cfg: Config, args: argparse.Namespace) -> None:
         print(f"exported: {trainer.export_latest(cfg)}")
         return
     trainer.preflight(cfg, "distill")
+    cfg = trainer.with_absolute_paths(cfg)
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address or None)
     negative = data.read_negative_prompt(cfg.data.output)

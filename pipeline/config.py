@@ -185,7 +185,8 @@ class TrackingConfig:
     tracking_uri: str = ""  # empty = sqlite:///./mlflow.db; "none" = no tracking
     experiment: str = "oneforce"
     run_name: str = ""
-    sample_every: int = 50
+    sample_every: int = 50  # training: log sample videos of the student every this many steps
+    sample_prompts: int = 4  # ... on this many fixed prompts of the dataset
 
 
 @dataclass

@@ -234,8 +234,10 @@ def train_worker(spec: RunSpec) -> None:
                 tracker.log_metrics(metrics, step)
             progress.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("dmd", "critic_flow", "ode_loss", "s_per_step")})
             progress.update(1)
+        current_ema = step_ctx.ema if step_ctx is not None else None
+        if spec.tracking_uri and spec.samples and (state.step % cfg.tracking.sample_every == 0 or state.step == cfg.train.steps):
+            _log_samples(cfg, spec, engines["student"], current_ema, tracker, state.step)
         if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:
-            current_ema = step_ctx.ema if step_ctx is not None else None
             with tempfile.TemporaryDirectory(prefix="oneforce-ckpt-") as directory:
                 save_checkpoint(directory, state, engines, current_ema, rank)
                 ray.train.report(
@@ -243,6 +245,21 @@ def train_worker(spec: RunSpec) -> None:
                 )
     if progress is not None:
         progress.close()
+
+
+def _log_samples(cfg: Config, spec: RunSpec, student: DeepSpeedOptimised, ema: EMA | None, tracker, step: int) -> None:
+    """Render the fixed samples with the EMA (or, before it starts, the student) and log them. Every
+    rank takes part in gathering the weights (ZeRO-3); rank 0 renders."""
+    from pipeline.models.loading import student_architecture
+    from pipeline.samples import render, write_samples
+
+    weights = ema.state if ema is not None else student.full_state()
+    if tracker is None:
+        return
+    clips = render(student_architecture(cfg.model), weights, spec.samples, cfg)
+    with tempfile.TemporaryDirectory(prefix="oneforce-samples-") as folder:
+        for path in write_samples(clips, folder, step, cfg.generate.fps):
+            tracker.log_artifact(str(path), "samples")
 
 
 def _worker_tracker(spec: RunSpec):
@@ -276,6 +293,19 @@ def storage_root(cfg: Config) -> str:
 
 def run_dir(cfg: Config) -> str:
     return f"{storage_root(cfg).rstrip('/')}/{run_name(cfg)}"
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """The config with relative local paths made absolute: Train workers and actors do not run in the
+    driver's working directory."""
+    import dataclasses
+
+    def absolute(path: str) -> str:
+        return os.path.abspath(path) if path and "://" not in path and not path.startswith("patch:") else path
+
+    model = dataclasses.replace(cfg.model, **{k: absolute(getattr(cfg.model, k)) for k in (
+        "teacher_path", "student_path", "critic_path", "text_encoder_path", "codec")})
+    return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, output=absolute(cfg.data.output)))
 
 
 def ray_storage(cfg: Config):
@@ -312,11 +342,16 @@ def fit(cfg: Config, mode: Mode, teacher: RealScore | None = None, tracking_uri:
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.samples import fixed_samples
+
+    cfg = with_absolute_paths(cfg)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the workers show a progress bar of steps
     info = data.read_info(cfg.data.output)
     columns = ["id", "prompt", "kind", "text_embedding", "latent"] + (["trajectory"] if mode == "ode_init" else [])
     spec = RunSpec(
         config=cfg.to_dict(), mode=mode, info=info, negative=data.read_negative_prompt(cfg.data.output),
         teacher=teacher, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id,
+        samples=fixed_samples(cfg.data.output, cfg.tracking.sample_prompts) if tracking_uri and cfg.model.codec else {},
     )
     r = cfg.ray
     storage_path, storage_filesystem = ray_storage(cfg)

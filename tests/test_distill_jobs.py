@@ -1,0 +1,107 @@
+"""The training jobs as users run them: jobs/ode_init.py, then `ray job submit ... jobs/distill.py`
+against the session's `ray start --head` cluster, then jobs/generate.py on the export; MLflow's store
+read back (params, every loss, sample videos, a resumed run appending to the same MLflow run)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline import data
+from pipeline.video import read_video
+from tests.test_ray_jobs import REPO, submit
+
+FRAMES = 3
+LOGGED = ("dmd", "gan_g", "gan_d", "critic_flow", "r1", "r2", "generator_grad_norm", "critic_grad_norm",
+          "logits_real", "logits_fake", "dmd_normaliser", "samples_per_s", "s_per_step")
+
+
+def write_toy_debug_dataset(out: Path, rows: int = 4) -> None:
+    """The toy world's geometry at test size: 48-channel patch-codec latents, the toy text encoder's
+    (16, 32) embeddings (random values: the jobs' plumbing is under test)."""
+    g = torch.Generator().manual_seed(0)
+    info = data.DatasetInfo(
+        config_hash="toy-debug", teacher_id="random:toy-debug:0", text_embedding=data.TensorSpec((16, 32), "float32"),
+        latent=data.TensorSpec((48, FRAMES, 8, 8), "float32"), trajectory_timesteps=(1000.0, 750.0), negative_prompt="",
+    )
+    data.write_info(str(out), info)
+    data.write_negative_prompt(str(out), "", torch.zeros(16, 32))
+    data.write_shard(str(out), info, {
+        "id": [f"{i:016x}" for i in range(rows)], "prompt": [f"a red square moving left {i}" for i in range(rows)],
+        "seed": list(range(rows)), "kind": ["teacher"] * rows,
+        "text_embedding": torch.randn(rows, 16, 32, generator=g), "latent": torch.randn(rows, 48, FRAMES, 8, 8, generator=g) * 0.5,
+        "trajectory": torch.randn(rows, 2, 48, FRAMES, 8, 8, generator=g),
+    })
+
+
+def job_config(tmp: Path, name: str, **sections) -> Path:
+    tree = {
+        "name": name,
+        "model": {"teacher_arch": "toy-debug", "student_arch": "toy-debug", "critic_arch": "toy-debug", "codec": "patch:4",
+                  "num_latent_frames": FRAMES, "latent_height": 8, "latent_width": 8},
+        "method": {"gradient_num_blocks": 2, "shift": 3.0, "gen_every": 2, "r1_weight": 1.0, "r2_weight": 0.001,
+                   "discriminator": {"feature_layers": [0, 1], "num_heads": 2, "ffn_dim": 32}},
+        "data": {"output": str(tmp / "data")},
+        "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 2, "log_every": 1, "storage_path": str(tmp / "runs"),
+                  "ema_start_step": 0},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "sample_every": 2, "sample_prompts": 2},
+        "ray": {"num_workers": 1, "resources_per_worker": {"CPU": 0.5}, "teacher_actors": 1, "teacher_resources": {"CPU": 0.5}},
+    }
+    for section, values in sections.items():
+        tree[section].update(values)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def run_job(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=600, cwd=REPO)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    return log
+
+
+def test_ode_init_then_distill_by_ray_job_submit_then_generate(ray_cluster, tmp_path):
+    import mlflow
+
+    write_toy_debug_dataset(tmp_path / "data")
+    address = f"ray.address={ray_cluster[0]}"
+    ode = job_config(tmp_path, "ode")
+    log = run_job("jobs/ode_init.py", "--config", str(ode), address)
+    ode_export = tmp_path / "runs" / "ode" / "export"
+    assert "export:" in log and (ode_export / "transformer" / "config.json").is_file()
+
+    distill = job_config(tmp_path, "distill", model={"student_path": str(ode_export / "transformer")})
+    result = submit(ray_cluster[1], ["python", "jobs/distill.py", "--config", str(distill)])
+    log = result.stdout + result.stderr
+    assert result.returncode == 0 and "succeeded" in log, log[-4000:]
+    export = tmp_path / "runs" / "distill" / "export"
+    assert {p.name for p in export.iterdir()} >= {"transformer", "text_encoder", "tokenizer", "codec", "oneforce.json"}
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["oneforce"], output_format="list")}
+    run = runs["distill:distill"]
+    assert run.info.status == "FINISHED" and run.data.params["train.steps"] == "2"
+    assert run.data.tags["oneforce.mode"] == "distill" and "oneforce.config_hash" in run.data.tags
+    assert set(LOGGED) <= set(run.data.metrics), sorted(run.data.metrics)
+    artifacts = {Path(a.path).suffix for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "samples")}
+    assert artifacts == {".mp4", ".png"}
+
+    # The same command with more steps resumes the run and appends to the same MLflow run.
+    run_job("jobs/distill.py", "--config", str(distill), address, "train.steps=4")
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "critic_flow")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square moving left, fast\na blue circle moving up, slow\n")
+    out = tmp_path / "videos"
+    run_job("jobs/generate.py", "--checkpoint", str(export), "--prompts", str(prompts), "--out", str(out), address,
+            "model.num_latent_frames=3", "model.latent_height=8", "model.latent_width=8", "method.gradient_num_blocks=2",
+            "method.shift=3.0", "tracking.tracking_uri=none")
+    clips = sorted(out.glob("*.mp4"))
+    assert len(clips) == 2 and all(read_video(c).shape == (3, 32, 32, 3) for c in clips)
