@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.storage import is_local, user_path
+from pipeline.storage import check_bucket, is_local, user_path
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 TENSOR_COLUMNS = ("text_embedding", "latent", "trajectory")
@@ -91,6 +91,8 @@ class BadLine:
 def list_files(spec: str, suffixes: tuple[str, ...] = PROMPT_SUFFIXES) -> list[str]:
     """Files named by `spec` (a file, a directory or a glob; local or URL), sorted, with a supported suffix."""
     fs, path = fsspec.core.url_to_fs(spec)
+    if not is_local(fs):
+        check_bucket(fs, path)  # S3 reports a missing bucket as a missing file otherwise
     if globlib.has_magic(path):
         found = fs.glob(path)
     elif fs.isdir(path):

@@ -83,7 +83,7 @@ def check_exists(url: str, what: str) -> None:
     with naming(url, what):
         fs, path = fsspec.core.url_to_fs(url)
         if not is_local(fs):
-            _check_bucket(fs, path)
+            check_bucket(fs, path)
         if not fs.exists(path):
             raise FileNotFoundError(f"{what}={url}: no such file or directory")
 
@@ -94,7 +94,7 @@ def check_writable(url: str, what: str) -> None:
     with naming(url, what):
         fs, path = fsspec.core.url_to_fs(url)
         if not is_local(fs):
-            _check_bucket(fs, path)
+            check_bucket(fs, path)
             return
         existing = Path(path).absolute()
         while not existing.exists():
@@ -105,7 +105,7 @@ def check_writable(url: str, what: str) -> None:
             raise PermissionError(f"{what}={url}: {existing} is not writable")
 
 
-def _check_bucket(fs: fsspec.AbstractFileSystem, path: str) -> None:
+def check_bucket(fs: fsspec.AbstractFileSystem, path: str) -> None:
     """One request that fails for a missing bucket, refused keys or an unreachable endpoint."""
     call = getattr(fs, "call_s3", None)
     if call is not None:

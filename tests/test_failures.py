@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -17,6 +19,7 @@ import torch
 
 from jobs import preprocess
 from pipeline import failures
+from pipeline.storage import StorageError, check_exists, check_writable
 from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.wan_weights import WAN_CONFIGS
 from tests.test_preprocess import _config
@@ -29,9 +32,9 @@ TINY_PREPROCESS = [
 ]
 
 
-def run_job(script: str, args: list[str], logs: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_job(script: str, args: list[str], logs: Path, timeout: float = 300, **env_changes: str) -> subprocess.CompletedProcess:
     """`python jobs/<script> ARGS` as a user runs it, its failure logs kept under `logs`."""
-    env = {**os.environ, "ONEFORCE_LOG_DIR": str(logs), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "ONEFORCE_LOG_DIR": str(logs), "PYTHONUNBUFFERED": "1", **env_changes}
     return subprocess.run([sys.executable, f"jobs/{script}", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -144,3 +147,89 @@ def test_malformed_yaml_is_one_line_with_file_and_line(tmp_path):
     config.write_text("model:\n  teacher_arch: tiny\n   bad: [1\n")
     result = run_job("preprocess.py", ["--config", str(config)], tmp_path / "logs")
     assert result.returncode == 2 and result.stderr.strip() == f"error: {config}:3:7: mapping values are not allowed here (not valid YAML)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# s3:// failures: one line naming the URL and the cause, within seconds
+# ---------------------------------------------------------------------------------------------------
+
+
+def _moto(port: int, **env: str) -> subprocess.Popen:
+    """A moto S3 server of this test's own (the session's one stays up for the other tests)."""
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
+    deadline = time.time() + 30
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+
+
+def _point_s3_at(monkeypatch, endpoint: str) -> None:
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # cached clients keep the endpoint they were made with
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+
+
+@pytest.fixture
+def fresh_s3(s3_server, monkeypatch):
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield monkeypatch
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_s3_missing_bucket_wrong_keys_and_no_credentials_are_named(fresh_s3, tmp_path):
+    with pytest.raises(StorageError, match=r"^data.prompts=s3://no-such-bucket/p.txt: bucket missing$"):
+        check_exists("s3://no-such-bucket/p.txt", "data.prompts")
+    with pytest.raises(StorageError, match=r"^data.output=s3://no-such-bucket/out: bucket missing$"):
+        check_writable("s3://no-such-bucket/out", "data.output")
+
+    port = _free_port()
+    strict = _moto(port, INITIAL_NO_AUTH_ACTION_COUNT="0")  # moto checks the keys only when asked to
+    try:
+        _point_s3_at(fresh_s3, f"http://127.0.0.1:{port}")
+        with pytest.raises(StorageError, match=r"^data.output=s3://oneforce-test/out: access denied \(InvalidAccessKeyId"):
+            check_writable("s3://oneforce-test/out", "data.output")
+    finally:
+        strict.terminate()
+        strict.wait(timeout=10)
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        fresh_s3.delenv(key)
+    fresh_s3.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    fresh_s3.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    fresh_s3.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    _point_s3_at(fresh_s3, os.environ["AWS_ENDPOINT_URL"])
+    with pytest.raises(StorageError, match=r"^--prompts=s3://oneforce-test/p.txt: no credentials"):
+        check_exists("s3://oneforce-test/p.txt", "--prompts")
+
+
+def test_a_stopped_s3_server_is_one_line_within_seconds(fresh_s3, tmp_path):
+    port = _free_port()
+    _moto(port).terminate()  # started and stopped: nothing listens there any more
+    endpoint = f"http://127.0.0.1:{port}"
+    _point_s3_at(fresh_s3, endpoint)
+    start = time.time()
+    with pytest.raises(StorageError, match=f"^data.output=s3://oneforce-test/out: endpoint unreachable \\({endpoint}"):
+        check_writable("s3://oneforce-test/out", "data.output")
+    assert time.time() - start < 10
+
+    # The same through a job, before Ray or MLflow start.
+    (tmp_path / "ckpt").mkdir()
+    start = time.time()
+    result = run_job("generate.py", ["--checkpoint", str(tmp_path / "ckpt"), "--prompts", "s3://oneforce-test/p.txt", "--out", str(tmp_path / "out"),
+                                     "tracking.tracking_uri=none"], tmp_path / "logs", timeout=120, AWS_ENDPOINT_URL=endpoint, AWS_ENDPOINT_URL_S3=endpoint)
+    assert result.returncode == 2 and error_line(result).startswith(f"error: --prompts=s3://oneforce-test/p.txt: endpoint unreachable ({endpoint}")
+    assert time.time() - start < 60  # Python, torch and Ray imports included
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
