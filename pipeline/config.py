@@ -133,6 +133,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "max_prompt_chars", "teacher_steps", "shard_rows", "batch_rows")
+        if not all(0 < t <= 1000 for t in self.trajectory_steps):
+            raise ConfigError(f"data.trajectory_steps must lie in (0, 1000], got {self.trajectory_steps}")
+        if self.teacher_guidance < 0:
+            raise ConfigError(f"data.teacher_guidance must be >= 0, got {self.teacher_guidance}")
 
 
 @dataclass

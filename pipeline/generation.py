@@ -25,6 +25,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import noise_seed, prompt_id
+from pipeline.failures import about
 from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.codec import PatchCodec, WanVAECodec, load_codec, video_to_clips
 from pipeline.models.loading import torch_dtype
@@ -103,7 +104,8 @@ class ClipGenerator:
                 has_text = fs.isdir(f"{path.rstrip('/')}/text_encoder")
                 codec_dir = next((f"{local}/{d}" for d in ("codec", "vae") if fs.isdir(f"{path.rstrip('/')}/{d}")), None)
             else:
-                student = load_wan(local, config=cfg.model.student_arch, dtype=dtype)
+                with about("model.student_arch", cfg.model.student_arch):  # a wrong arch lists every key
+                    student = load_wan(local, config=cfg.model.student_arch, dtype=dtype)
                 has_text, codec_dir = False, None
             if has_text:
                 text_encoder = TextEncoder.from_pretrained(local, dtype=dtype)
@@ -126,6 +128,8 @@ class ClipGenerator:
         return torch.randn(shape, generator=generator).to(self.device)
 
     def _inputs(self, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[list[float]], torch.Generator]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"a prompt must be non-empty text, got {prompt!r}")
         dtype = next(self.student.parameters()).dtype
         text = self.text_encoder.encode([prompt]).to(self.device, dtype)
         steps = inference_schedule(self.settings.num_blocks, self.settings.steps, self.settings.schedule)

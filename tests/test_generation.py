@@ -71,3 +71,34 @@ def test_a_checkpoint_without_a_transformer_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="needs a transformer/ folder"):
         ClipGenerator.load(str(tmp_path / "empty"), generation_config())
+
+
+def test_an_empty_prompt_is_refused(checkpoint):
+    gen = ClipGenerator.load(str(checkpoint), generation_config())
+    for prompt in ("", "   "):
+        with pytest.raises(ValueError, match="a prompt must be non-empty text"):
+            gen.generate(prompt, seed=0)
+
+
+def test_mp4_files_follow_the_umask(tmp_path):
+    import os
+
+    from pipeline.video import write_mp4
+
+    old = os.umask(0o022)
+    try:
+        write_mp4(np.zeros((2, 16, 16, 3), np.float32), tmp_path / "a.mp4")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.mp4").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.trajectory_steps=[1500, 500]", r"data.trajectory_steps must lie in \(0, 1000\]"),
+    ("data.teacher_guidance=-1", "data.teacher_guidance must be >= 0"),
+])
+def test_data_settings_out_of_range_are_refused(override, message):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
