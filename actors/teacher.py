@@ -72,13 +72,23 @@ class TeacherScoreActor:
     """Holds the frozen teacher (the run's `model.dtype`, on its device) and serves the CFG real score."""
 
     def __init__(self, model: dict[str, Any], negative: torch.Tensor, guidance: float) -> None:
+        import ray
+
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            log.warning("teacher actor restarted after a failure; reloading the teacher")
         self.device = default_device()
         self.teacher = load_teacher(build(ModelConfig, model), self.device)
         self.negative, self.guidance = negative.to(self.device), guidance
+        self.calls = 0
 
     def real_x0(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         inputs = (v.to(self.device) for v in (x_t, t, text))
+        self.calls += 1
         return teacher_real_x0(self.teacher, self.negative, self.guidance, *inputs).cpu()
+
+    def served(self) -> int:
+        """Calls served since this actor (re)started."""
+        return self.calls
 
     def ready(self) -> bool:
         return True

@@ -204,3 +204,36 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank():
         results = manager.dict()
         mp.spawn(_all_finite_on_two_ranks, args=(_free_port(), results), nprocs=2)
         assert dict(results) == {0: (True, False), 1: (True, False)}
+
+
+def test_killed_teacher_actor_is_restarted_and_the_run_finishes_unchanged(one_worker_run, ray_cluster, tmp_path):
+    """Kill the only teacher actor after its first call: Ray restarts it, later calls go to the new one,
+    and every loss equals the undisturbed run's."""
+    import threading
+    import time
+
+    import ray
+    from ray.util.state import get_actor
+
+    from actors.teacher import TeacherPool
+
+    reference_cfg, reference = one_worker_run
+    cfg = tiny_config(reference_cfg.data.output, str(tmp_path), "killed", "ray.teacher_actors=1", "ray.teacher_resources={CPU: 0.5}")
+    pool = TeacherPool.start(cfg, data.read_negative_prompt(cfg.data.output))
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=trainer.fit(cfg, "distill", pool)))
+    try:
+        runner.start()
+        actor = pool.actors[0]
+        deadline = time.time() + 300
+        while ray.get(actor.served.remote()) < 1:
+            assert time.time() < deadline and runner.is_alive(), "the run never called its teacher"
+            time.sleep(0.2)
+        ray.kill(actor, no_restart=False)
+        runner.join(timeout=600)
+        assert "result" in outcome
+        assert get_actor(actor._actor_id.hex(), address=ray_cluster[0]).num_restarts >= 1
+        assert ray.get(actor.served.remote()) == 2  # the restarted actor served the last two generator steps
+    finally:
+        pool.shutdown()
+    assert_same_losses(history_of(outcome["result"]), history_of(reference), rel=1e-6)
