@@ -1,19 +1,24 @@
 """Experiment tracking behind a two-method interface: MLflow, or nothing.
 
 Jobs call `open_tracker(cfg.tracking, run_dir)`; rank 0 gets an `MLflowTracker`, other ranks and
-`tracking_uri: none` a `NullTracker`. The MLflow run id is written into `run_dir`, so relaunching the
-same run appends to the same MLflow run instead of starting a new one.
+`tracking_uri: none` a `NullTracker`. The MLflow run id is written into `run_dir` (local or s3://), so
+relaunching the same run appends to the same MLflow run instead of starting a new one. Training jobs
+own their run on the driver; the Train worker of rank 0 logs into it through an `AttachedTracker`.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
+import fsspec
+
 from pipeline.config import TrackingConfig
 from pipeline.failures import run_status
+from pipeline.storage import is_local
 
 
 class Tracker(Protocol):
@@ -36,20 +41,28 @@ class NullTracker:
 
 
 class MLflowTracker:
-    def __init__(self, cfg: TrackingConfig, run_dir: str, params: dict[str, Any], run_name: str) -> None:
+    def __init__(
+        self, cfg: TrackingConfig, run_dir: str, params: dict[str, Any], run_name: str,
+        tags: dict[str, str] | None = None, uri: str | None = None,
+    ) -> None:
         import mlflow
 
         self._mlflow = mlflow
-        # MLflow 3 no longer writes plain-file stores; a local SQLite file is the zero-setup default.
-        mlflow.set_tracking_uri(cfg.tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}")
+        self.uri = uri or tracking_uri(cfg)
+        mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(cfg.experiment)
-        id_file = Path(run_dir) / "mlflow_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else None
+        fs, id_path = fsspec.core.url_to_fs(f"{run_dir.rstrip('/')}/mlflow_run_id")  # local or s3://
+        run_id = fs.cat(id_path).decode().strip() if fs.exists(id_path) else None
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else (cfg.run_name or run_name))
         if run_id is None:
             mlflow.log_params(_flatten(params))
-            id_file.parent.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(self.run.info.run_id)
+            mlflow.set_tags(tags or {})
+            fs.makedirs(fs._parent(id_path), exist_ok=True)
+            fs.pipe(id_path, self.run.info.run_id.encode())
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -61,6 +74,43 @@ class MLflowTracker:
         """End the run as `status`; by default FAILED when called (from a `finally`) while an exception
         propagates, KILLED while Ctrl-C/SIGTERM does, else FINISHED."""
         self._mlflow.end_run(status=status or run_status(sys.exc_info()[1]))
+
+
+class AttachedTracker:
+    """Logs into a run that another process owns (a Train worker into the driver's run): it never
+    changes the run's status."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        from mlflow import MlflowClient
+
+        self._client, self.run_id = MlflowClient(uri), run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self.run_id, path, artifact_path)
+
+    def close(self, status: str | None = None) -> None:
+        pass
+
+
+def attach_tracker(uri: str, run_id: str) -> AttachedTracker:
+    return AttachedTracker(uri, run_id)
+
+
+def tracking_uri(cfg: TrackingConfig, store_dir: str = ".") -> str:
+    """`tracking.tracking_uri`, or by default a SQLite file `mlflow.db` in `store_dir` when that is local
+    (MLflow 3 writes no plain-file stores), else in the working directory."""
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    fs, path = fsspec.core.url_to_fs(store_dir)
+    folder = Path(path) if is_local(fs) else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(folder / 'mlflow.db').resolve()}"
 
 
 def open_tracker(cfg: TrackingConfig, run_dir: str, params: dict[str, Any], run_name: str, rank: int = 0) -> Tracker:
