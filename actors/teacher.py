@@ -90,6 +90,11 @@ class TeacherScoreActor:
         """Calls served since this actor (re)started."""
         return self.calls
 
+    def peak_rss_mb(self) -> float:
+        from pipeline.trainer import peak_rss_mb
+
+        return peak_rss_mb()
+
     def ready(self) -> bool:
         return True
 

@@ -33,8 +33,14 @@ def yaml_error_line(err: yaml.YAMLError, overrides: list[str]) -> str:
     return f"{problem} (not valid YAML)"
 
 
-def parse(description: str, argv: list[str] | None = None, extra: Callable[[argparse.ArgumentParser], None] | None = None):
-    """(config, args). Overrides are `section.key=value`; `--dry-run` prints the resolved config and exits."""
+def parse(
+    description: str,
+    argv: list[str] | None = None,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    plan: Callable[[Config], dict] | None = None,
+):
+    """(config, args). Overrides are `section.key=value`; `--dry-run` prints the resolved config (and,
+    for jobs that pass `plan`, where each role would run) and exits without starting anything."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="experiment YAML (configs/*.yaml); defaults otherwise")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, exit")
@@ -50,6 +56,8 @@ def parse(description: str, argv: list[str] | None = None, extra: Callable[[argp
         _exit_bad_input(str(err))
     if args.dry_run:
         print(cfg.to_yaml())
+        if plan is not None:
+            print(yaml.safe_dump({"plan": plan(cfg)}, sort_keys=False))
         sys.exit(0)
     return cfg, args
 
@@ -63,7 +71,8 @@ def run_main(
     main: Callable[[Config, argparse.Namespace], None],
     description: str,
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    plan: Callable[[Config], dict] | None = None,
 ) -> None:
     """Parse, then run `main` under the shared failure handling (pipeline/failures.py)."""
-    cfg, args = parse(description, extra=extra)
+    cfg, args = parse(description, extra=extra, plan=plan)
     run_guarded(lambda: main(cfg, args), job=Path(sys.argv[0]).stem or "job")

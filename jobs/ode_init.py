@@ -39,5 +39,11 @@ def extra_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", action="store_true", help="export the run's latest checkpoint and exit")
 
 
+def plan(cfg: Config) -> dict:
+    from pipeline.trainer import resource_plan
+
+    return resource_plan(cfg, "ode_init")
+
+
 if __name__ == "__main__":
-    run_main(main, __doc__, extra_args)
+    run_main(main, __doc__, extra_args, plan)

@@ -109,6 +109,13 @@ def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, values)}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def gather_ids(ids: list[str]) -> list[list[str]]:
     if not (dist.is_available() and dist.is_initialized()):
         return [ids]
@@ -225,9 +232,9 @@ def train_worker(spec: RunSpec) -> None:
         else:
             metrics = ode_init_step(engines["student"], batch, step, cfg, trajectory_timesteps)
         seconds = time.perf_counter() - started
-        metrics = mean_over_ranks({**metrics, "s_per_step": seconds})
+        metrics = mean_over_ranks({**metrics, "s_per_step": seconds, "peak_rss_mb": peak_rss_mb()})
         metrics["samples_per_s"] = batch_size * world / metrics["s_per_step"]
-        state.history.append({"step": step, **metrics, "ids": gather_ids(batch.ids)})
+        state.history.append({"step": step, "time": time.time(), **metrics, "ids": gather_ids(batch.ids)})
         state.step = step + 1
         if tracker is not None:
             if step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
@@ -322,16 +329,19 @@ def ray_storage(cfg: Config):
 
 
 def resource_plan(cfg: Config, mode: Mode) -> dict[str, Any]:
-    """Where each role runs, for `--dry-run` and the job's first lines."""
+    """Where each role runs, for `--dry-run`."""
     r = cfg.ray
+    each = lambda resources: ", ".join(f"{k}={v:g}" for k, v in resources.items())  # noqa: E731
     plan: dict[str, Any] = {
-        "student": f"{r.num_workers} Ray Train worker(s), {dict(r.resources_per_worker)} each, DeepSpeed ZeRO-{cfg.train.zero_stage}",
+        "student": f"{r.num_workers} Ray Train worker(s) ({each(r.resources_per_worker)} each), DeepSpeed ZeRO-{cfg.train.zero_stage}",
     }
     if mode == "distill":
-        plan["teacher"] = f"{r.teacher_actors} teacher actor(s), {dict(r.teacher_resources)} each"
+        plan["teacher"] = (f"{r.teacher_actors} teacher actor(s) ({each(r.teacher_resources)} each)" if r.teacher_actors
+                           else "inside each Train worker")
         plan["critic"] = "a DeepSpeed engine inside each Train worker" if r.critic_placement == "trainer" else "critic actors"
     plan["data"] = cfg.data.output
     plan["checkpoints"] = run_dir(cfg)
+    plan["export"] = export_path(cfg)
     return plan
 
 
