@@ -32,7 +32,8 @@ from actors.generator import GeneratorStage
 from jobs.cli import run_main
 from jobs.preprocess import SHOWN_BAD_LINES, parse_prompt_files, ray_resources
 from pipeline import data
-from pipeline.config import Config
+from pipeline.checkpoint import export_settings
+from pipeline.config import Config, load_config
 from pipeline.failures import Interrupted, interrupt_signal
 from pipeline.storage import check_exists, check_writable, naming
 from pipeline.tracking import open_tracker
@@ -173,6 +174,9 @@ def run(cfg: Config, checkpoint: str, prompts: str, out: str) -> tuple[Plan, lis
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
     preflight(args.checkpoint, args.prompts, args.out)
+    settings = export_settings(args.checkpoint)
+    if settings:  # what the student was trained with, under the user's --config and overrides
+        cfg = load_config(args.config, args.overrides, base=settings)
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address or None)
     start = time.perf_counter()

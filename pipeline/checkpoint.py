@@ -124,6 +124,16 @@ def export_student(weights_file: str, cfg: Config, out: str, source: dict[str, A
 EXPORT_SETTINGS = "oneforce.json"
 
 
+def export_settings(checkpoint: str) -> dict[str, Any]:
+    """The dotted config settings an exported checkpoint directory was trained with (empty for a single
+    weights file or a directory without them): generation uses them unless the user's config says otherwise."""
+    fs, path = fsspec.core.url_to_fs(checkpoint)
+    settings = f"{path.rstrip('/')}/{EXPORT_SETTINGS}"
+    if not fs.isdir(path) or not fs.exists(settings):
+        return {}
+    return dict(json.loads(fs.cat(settings)).get("model", {}))
+
+
 def generation_settings(cfg: Config) -> dict[str, Any]:
     """The config keys an exported student needs to generate as it was trained."""
     m, method = cfg.model, cfg.method
@@ -132,5 +142,6 @@ def generation_settings(cfg: Config) -> dict[str, Any]:
         "model.latent_height": m.latent_height, "model.latent_width": m.latent_width,
         "method.denoising_steps": list(method.denoising_steps), "method.warp_denoising_steps": method.warp_denoising_steps,
         "method.shift": method.shift, "method.context_noise": method.context_noise,
+        "method.gradient_num_blocks": method.gradient_num_blocks,  # keeps the config valid for short clips
         "method.inference_schedule": method.inference_schedule,
     }

@@ -274,14 +274,20 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML at `path` <- `overrides` ("section.key=value", values parsed as YAML)."""
+def load_config(
+    path: str | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> Config:
+    """Defaults <- `base` (dotted keys, e.g. the settings an exported checkpoint was trained with) <-
+    YAML at `path` <- `overrides` ("section.key=value", values parsed as YAML)."""
     tree: dict[str, Any] = {}
+    for key, value in (base or {}).items():
+        _set_dotted(tree, key, value)
     if path:
         with open(path) as f:
-            tree = yaml.safe_load(f) or {}
-        if not isinstance(tree, dict):
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
+        _merge(tree, loaded)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -347,6 +353,15 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+def _merge(tree: dict[str, Any], update: dict[str, Any]) -> None:
+    """`update` into `tree`, section by section (a section in `update` replaces only the keys it names)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value)
+        else:
+            tree[key] = value
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

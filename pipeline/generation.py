@@ -1,7 +1,7 @@
 """One-step autoregressive generation from a causal student: whole clips, or frames streamed as each
 block is produced. The Python API for a notebook, and what the generation job's actors call.
 
-    gen = ClipGenerator.load("runs/student", cfg)          # a directory (or s3://) or a single file
+    gen = ClipGenerator.load("runs/toy_distill/export")   # an export carries its settings; or pass a Config
     for frames in gen.stream("a red square moving left, fast", seed=0):
         show(frames)                                        # (frames_per_block * temporal factor, H, W, 3)
     clip = gen.generate("a red square moving left, fast", seed=0)
@@ -91,11 +91,17 @@ class ClipGenerator:
         self.device = next(student.parameters()).device
 
     @classmethod
-    def load(cls, checkpoint: str, cfg: Config, device: str | torch.device = "cpu") -> ClipGenerator:
-        dtype = torch_dtype(cfg.model.dtype)
+    def load(cls, checkpoint: str, cfg: Config | None = None, device: str | torch.device = "cpu") -> ClipGenerator:
+        """`cfg` None: the settings an exported checkpoint carries (oneforce.json), else the defaults."""
         fs, path = fsspec.core.url_to_fs(checkpoint)
         if not fs.exists(path):
             raise FileNotFoundError(f"checkpoint {checkpoint}: no such file or directory")
+        if cfg is None:
+            from pipeline.checkpoint import export_settings
+            from pipeline.config import load_config
+
+            cfg = load_config(base=export_settings(checkpoint))
+        dtype = torch_dtype(cfg.model.dtype)
         with local_copy(checkpoint) as local:
             if fs.isdir(path):
                 if not fs.isdir(f"{path.rstrip('/')}/transformer"):

@@ -100,8 +100,23 @@ def test_ode_init_then_distill_by_ray_job_submit_then_generate(ray_cluster, tmp_
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square moving left, fast\na blue circle moving up, slow\n")
     out = tmp_path / "videos"
+    # The export carries the geometry it was trained with: no --config needed.
     run_job("jobs/generate.py", "--checkpoint", str(export), "--prompts", str(prompts), "--out", str(out), address,
-            "model.num_latent_frames=3", "model.latent_height=8", "model.latent_width=8", "method.gradient_num_blocks=2",
-            "method.shift=3.0", "tracking.tracking_uri=none")
+            "tracking.tracking_uri=none")
     clips = sorted(out.glob("*.mp4"))
     assert len(clips) == 2 and all(read_video(c).shape == (3, 32, 32, 3) for c in clips)
+
+
+def test_dry_run_prints_the_resource_plan_and_starts_nothing(tmp_path):
+    config = job_config(tmp_path, "plan")
+    log = run_job("jobs/distill.py", "--config", str(config), "--dry-run", "ray.teacher_actors=2")
+    assert "plan:" in log and "2 teacher actor(s) (CPU=0.5 each)" in log and "DeepSpeed ZeRO-2" in log
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_exported_settings_sit_under_the_users_config():
+    from pipeline.config import load_config
+
+    base = {"model.num_latent_frames": 3, "model.latent_height": 8, "method.shift": 3.0, "method.gradient_num_blocks": 3}
+    cfg = load_config(None, ["model.latent_height=16"], base=base)
+    assert (cfg.model.num_latent_frames, cfg.model.latent_height, cfg.method.shift) == (3, 16, 3.0)
