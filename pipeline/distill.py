@@ -321,7 +321,7 @@ def _student_rollout(ctx: StepContext, batch: Batch, step: int, purpose: str, wi
     exits = draw_exit_steps(
         len(steps), len(steps[0]), seeded(cfg.train.seed, step, -1, f"{purpose}/exit"), cfg.method.same_exit_step_across_blocks
     )
-    renoise = seeded(cfg.train.seed, step, -1, f"{purpose}/renoise")
+    renoise = [seeded(cfg.train.seed, step, i, f"{purpose}/renoise") for i in batch.indices]
     return rollout(
         student, noise, batch.text.to(dtype), steps, cfg.model.frames_per_block, exit_steps=exits,
         gradient_num_blocks=cfg.method.gradient_num_blocks if with_grad else 0,

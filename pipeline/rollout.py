@@ -73,14 +73,15 @@ def iter_blocks(
     exit_steps: Sequence[int] | None = None,
     gradient_num_blocks: int = 0,
     context_noise: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     cache_window: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield each block's clean x0 (B, C, frames_per_block, H, W) as soon as it is produced.
 
     `noise` (B, C, F, H, W) holds the starting noise of every block; `exit_steps[b]` is the index in
     block b's step list whose prediction is kept (default: the last step); `generator` drives the
-    re-noising between steps. `cache_window` keeps only that many latent frames of context (sliding
+    re-noising between steps: one for the batch, or one per sample (a sample's draws then do not
+    depend on its batch-mates: training seeds them per global sample index). `cache_window` keeps only that many latent frames of context (sliding
     window, for clips longer than training); positions stay absolute.
     """
     num_blocks = len(steps_per_block)
@@ -100,18 +101,28 @@ def iter_blocks(
                 v = student(x_t, t_batch, text, kv_cache=cache).sample
                 x0 = x0_from_velocity(x_t, v, t_batch)
             if not is_exit:
-                fresh = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+                fresh = fresh_noise(x0, generator)
                 x_t = add_noise(x0, fresh, steps[i + 1])
         yield x0
         if block + 1 < num_blocks:
             _write_cache(student, cache, x0.detach(), text, context_noise, generator)
 
 
+def fresh_noise(like: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise shaped like `like`, from one generator or one per sample (drawn on the CPU
+    generator's device, then moved)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    if len(generator) != like.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {like.shape[0]}")
+    return torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in generator]).to(like.device)
+
+
 def _write_cache(student, cache, x0: torch.Tensor, text: torch.Tensor, context_noise: float, generator) -> None:
     t_batch = torch.full((x0.shape[0],), float(context_noise), device=x0.device)
     context = x0
     if context_noise > 0:
-        fresh = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        fresh = fresh_noise(x0, generator)
         context = add_noise(x0, fresh, t_batch)
     with torch.no_grad():
         student(context, t_batch, text, kv_cache=cache, update_cache=True)
