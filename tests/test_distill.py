@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pipeline import data, distill, trainer
 from pipeline.config import Config, load_config
@@ -53,7 +55,7 @@ def tiny_config(dataset: str, storage: str, name: str, *overrides: str) -> Confi
     ])
 
 
-def plain_history(cfg: Config, batches: list[dict]) -> list[dict[str, float]]:
+def plain_run(cfg: Config, batches: list[dict]) -> tuple[list[dict[str, float]], distill.StepContext]:
     """The reference: the same steps in this process, fed `batches` in order."""
     negative = data.read_negative_prompt(cfg.data.output)
     student, critic = load_student(cfg.model), load_critic(cfg)
@@ -63,7 +65,11 @@ def plain_history(cfg: Config, batches: list[dict]) -> list[dict[str, float]]:
         distill.LocalCritic(distill.TorchOptimised(critic, cfg.train.critic_lr, cfg.train), cfg.method),
         lambda: distill.module_state(student),
     )
-    return distill.plain_distill(ctx, iter(batches), range(len(batches)))
+    return distill.plain_distill(ctx, iter(batches), range(len(batches))), ctx
+
+
+def plain_history(cfg: Config, batches: list[dict]) -> list[dict[str, float]]:
+    return plain_run(cfg, batches)[0]
 
 
 def rows_by_id(dataset: str) -> dict[str, dict]:
@@ -121,10 +127,16 @@ def test_one_worker_with_teacher_actor_equals_plain_loop(one_worker_run):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_workers_equal_plain_loop_on_the_rows_they_read(ray_local, tiny_data, tmp_path, stage):
     cfg = tiny_config(tiny_data, str(tmp_path), f"two-z{stage}", "ray.num_workers=2", f"train.zero_stage={stage}")
-    history = history_of(trainer.fit(cfg, "distill"))
+    result = trainer.fit(cfg, "distill")
+    history = history_of(result)
     assert all(len(h["ids"]) == 2 for h in history)
     assert len({i for h in history[:2] for ids in h["ids"] for i in ids}) == 4  # the two ranks read different rows
-    assert_same_losses(history, plain_history(cfg, batches_read(history, cfg.data.output)))
+    reference, ctx = plain_run(cfg, batches_read(history, cfg.data.output))
+    assert_same_losses(history, reference)
+    with result.checkpoint.as_directory() as directory:  # the fp32 EMA, gathered from the partitions under ZeRO-3
+        ema = load_file(f"{directory}/{trainer.EMA_FILE}")
+    assert ema.keys() == ctx.ema.state.keys() and all(v.dtype == torch.float32 for v in ema.values())
+    assert all(torch.allclose(ema[k], ctx.ema.state[k], rtol=1e-4, atol=1e-6) for k in ema)
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -237,3 +249,17 @@ def test_killed_teacher_actor_is_restarted_and_the_run_finishes_unchanged(one_wo
     finally:
         pool.shutdown()
     assert_same_losses(history_of(outcome["result"]), history_of(reference), rel=1e-6)
+
+
+def test_ema_is_fp32_and_starts_from_the_weights_at_ema_start_step(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, str(tmp_path), "ema", "train.ema_start_step=1", "method.gen_every=1", "train.ema_decay=0.9")
+    batches = list(itertools.islice(distill.epoch_batches(data.read_dataset(tiny_data), 2), 3))
+    _, ctx = plain_run(cfg, batches[:1])
+    assert ctx.ema is None  # step 0 < ema_start_step
+    weights = []
+    for step in (1, 2):
+        distill.distill_step(ctx, distill.rows_to_batch(batches[step], [2 * step, 2 * step + 1]), step)
+        weights.append({k: v.detach().clone() for k, v in ctx.student.module.state_dict().items()})
+    for name, value in ctx.ema.state.items():
+        assert value.dtype == torch.float32
+        assert torch.allclose(value, 0.9 * weights[0][name] + 0.1 * weights[1][name], atol=1e-7)
