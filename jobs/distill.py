@@ -30,7 +30,7 @@ def main(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline import data, trainer
 
     if args.export:
-        print(f"exported: {trainer.export_latest(cfg)}")
+        print(f"exported: {trainer.export_latest(cfg, 'distill')}")
         return
     trainer.preflight(cfg, "distill")
     cfg = trainer.with_absolute_paths(cfg)

@@ -27,7 +27,7 @@ def main(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline import trainer
 
     if args.export:
-        print(f"exported: {trainer.export_latest(cfg)}")
+        print(f"exported: {trainer.export_latest(cfg, 'ode_init')}")
         return
     trainer.preflight(cfg, "ode_init")
     if not ray.is_initialized():

@@ -81,7 +81,9 @@ def replace_directory(build: Any, target: str | Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_student(weights_file: str, cfg: Config, out: str, source: dict[str, Any] | None = None) -> None:
+def export_student(
+    weights_file: str, architecture: dict[str, Any], cfg: Config, out: str, source: dict[str, Any] | None = None
+) -> None:
     """Write a generation checkpoint at `out` (local or s3://) from the weights of a training checkpoint:
 
         transformer/        the student (a diffusers WanTransformer3DModel folder)
@@ -92,10 +94,9 @@ def export_student(weights_file: str, cfg: Config, out: str, source: dict[str, A
     built in a temporary directory and moved into place whole."""
     from pipeline.models.causal_wan import CausalWanModel
     from pipeline.models.codec import PatchCodec, load_codec
-    from pipeline.models.loading import load_text_encoder, student_architecture
+    from pipeline.models.loading import load_text_encoder
 
-    architecture = {k: v for k, v in student_architecture(cfg.model).items() if not k.startswith("_")}
-    model = CausalWanModel.from_config(architecture)
+    model = CausalWanModel.from_config({k: v for k, v in architecture.items() if not k.startswith("_")})
     model.load_state_dict(load_file(weights_file), strict=True)
 
     def build(folder: Path) -> None:

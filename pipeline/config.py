@@ -33,7 +33,8 @@ class ModelConfig:
 
     teacher_path: str = ""
     teacher_arch: str = "tiny"
-    student_path: str = ""  # the ODE-init checkpoint; empty = start from the teacher's weights
+    student_init_path: str = ""  # where ODE init starts the student; empty = the teacher's weights
+    student_path: str = ""  # where distillation starts it: the ODE-init export; empty = the teacher's weights
     student_arch: str = "tiny"
     critic_path: str = ""  # empty = start from the teacher's weights (as in DMD2 / Self-Forcing)
     critic_arch: str = "tiny"
@@ -182,6 +183,8 @@ class RayConfig:
         _positive(self, "num_workers", "encoder_actors")
         if self.teacher_actors < 0:
             raise ConfigError(f"ray.teacher_actors must be >= 0, got {self.teacher_actors}")
+        if self.critic_placement == "actors":
+            raise ConfigError("ray.critic_placement: actors (a critic actor group) is not built yet; use 'trainer'")
 
 
 @dataclass

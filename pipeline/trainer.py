@@ -7,6 +7,7 @@ functions of `pipeline.distill`, and every `train.checkpoint_every` steps writes
     student/, critic/        DeepSpeed's own shards (every rank writes its part)
     ema.safetensors          the fp32 EMA of the student (distillation, once it started)
     weights.safetensors      what an export holds: the EMA, or the student's weights when there is none
+    student_config.json      the student's architecture (diffusers config)
     rng/rank<r>.json         each rank's torch RNG states (CPU and CUDA)
     state.json               the next step, the data position, and the history of every step's metrics
                              (averaged over ranks) with the ids each rank read
@@ -52,6 +53,7 @@ from pipeline.models.loading import load_critic, load_student, load_teacher
 
 Mode = Literal["distill", "ode_init"]
 STATE_FILE, WEIGHTS_FILE, EMA_FILE = "state.json", "weights.safetensors", "ema.safetensors"
+ARCHITECTURE_FILE = "student_config.json"  # the student's diffusers config, for exports
 
 
 @dataclass
@@ -161,6 +163,7 @@ def save_checkpoint(
         if ema is not None:
             save_file(ema.state, f"{directory}/{EMA_FILE}")
         save_file(ema.state if ema is not None else weights, f"{directory}/{WEIGHTS_FILE}")
+        Path(f"{directory}/{ARCHITECTURE_FILE}").write_text(json.dumps(dict(engines["student"].module.config)))
         Path(f"{directory}/{STATE_FILE}").write_text(json.dumps({"step": state.step, "history": state.history}))
 
 
@@ -193,7 +196,7 @@ def train_worker(spec: RunSpec) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
 
-    student = load_student(cfg.model, device)
+    student = load_student(cfg.model, device, for_ode_init=spec.mode == "ode_init")
     if cfg.train.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     engines = {"student": DeepSpeedOptimised(student, cfg.train.lr, cfg, world)}
@@ -257,13 +260,12 @@ def train_worker(spec: RunSpec) -> None:
 def _log_samples(cfg: Config, spec: RunSpec, student: DeepSpeedOptimised, ema: EMA | None, tracker, step: int) -> None:
     """Render the fixed samples with the EMA (or, before it starts, the student) and log them. Every
     rank takes part in gathering the weights (ZeRO-3); rank 0 renders."""
-    from pipeline.models.loading import student_architecture
     from pipeline.samples import render, write_samples
 
     weights = ema.state if ema is not None else student.full_state()
     if tracker is None:
         return
-    clips = render(student_architecture(cfg.model), weights, spec.samples, cfg)
+    clips = render(dict(student.module.config), weights, spec.samples, cfg)
     with tempfile.TemporaryDirectory(prefix="oneforce-samples-") as folder:
         for path in write_samples(clips, folder, step, cfg.generate.fps):
             tracker.log_artifact(str(path), "samples")
@@ -298,8 +300,9 @@ def storage_root(cfg: Config) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
-def run_dir(cfg: Config) -> str:
-    return f"{storage_root(cfg).rstrip('/')}/{run_name(cfg)}"
+def run_dir(cfg: Config, mode: Mode) -> str:
+    """<train.storage_path>/<name>/<mode>: one config's ODE init and distillation never share a run."""
+    return f"{storage_root(cfg).rstrip('/')}/{run_name(cfg)}/{mode}"
 
 
 def with_absolute_paths(cfg: Config) -> Config:
@@ -311,14 +314,13 @@ def with_absolute_paths(cfg: Config) -> Config:
         return os.path.abspath(path) if path and "://" not in path and not path.startswith("patch:") else path
 
     model = dataclasses.replace(cfg.model, **{k: absolute(getattr(cfg.model, k)) for k in (
-        "teacher_path", "student_path", "critic_path", "text_encoder_path", "codec")})
+        "teacher_path", "student_init_path", "student_path", "critic_path", "text_encoder_path", "codec")})
     return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, output=absolute(cfg.data.output)))
 
 
-def ray_storage(cfg: Config):
+def ray_storage(root: str):
     """(storage_path, storage_filesystem) for Ray Train: URLs go through the same fsspec filesystem as
     every other s3:// path of the project (credentials and endpoint from the same environment)."""
-    root = storage_root(cfg)
     if "://" not in root:
         return root, None
     import fsspec
@@ -340,8 +342,8 @@ def resource_plan(cfg: Config, mode: Mode) -> dict[str, Any]:
                            else "inside each Train worker")
         plan["critic"] = "a DeepSpeed engine inside each Train worker" if r.critic_placement == "trainer" else "critic actors"
     plan["data"] = cfg.data.output
-    plan["checkpoints"] = run_dir(cfg)
-    plan["export"] = export_path(cfg)
+    plan["checkpoints"] = run_dir(cfg, mode)
+    plan["export"] = export_path(cfg, mode)
     return plan
 
 
@@ -379,7 +381,7 @@ def fit(cfg: Config, mode: Mode, teacher: RealScore | None = None, tracking_uri:
         samples=fixed_samples(cfg.data.output, cfg.tracking.sample_prompts) if tracking_uri and cfg.model.codec else {},
     )
     r = cfg.ray
-    storage_path, storage_filesystem = ray_storage(cfg)
+    storage_path, storage_filesystem = ray_storage(f"{storage_root(cfg).rstrip('/')}/{run_name(cfg)}")
     trainer = TorchTrainer(
         lambda config: train_worker(config["spec"]),
         train_loop_config={"spec": spec},
@@ -387,7 +389,7 @@ def fit(cfg: Config, mode: Mode, teacher: RealScore | None = None, tracking_uri:
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=dict(r.resources_per_worker)
         ),
         run_config=ray.train.RunConfig(
-            name=run_name(cfg), storage_path=storage_path, storage_filesystem=storage_filesystem,
+            name=mode, storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
         ),
@@ -404,16 +406,16 @@ def fit(cfg: Config, mode: Mode, teacher: RealScore | None = None, tracking_uri:
     except SystemExit as stop:  # Ray Train's own Ctrl-C handler aborts the run, then exits
         from pipeline.failures import Interrupted
 
-        raise Interrupted(f"training stopped; rerun the same command to resume from {run_dir(cfg)}") from stop
+        raise Interrupted(f"training stopped; rerun the same command to resume from {run_dir(cfg, mode)}") from stop
 
 
-def latest_checkpoint(cfg: Config) -> str | None:
+def latest_checkpoint(cfg: Config, mode: Mode) -> str | None:
     """The newest complete checkpoint directory of the run (one with its state file), or None."""
     import fsspec
 
     from pipeline.storage import user_path
 
-    fs, root = fsspec.core.url_to_fs(run_dir(cfg))
+    fs, root = fsspec.core.url_to_fs(run_dir(cfg, mode))
     if not fs.exists(root):
         return None
     folders = sorted(p for p in fs.ls(root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_"))
@@ -421,22 +423,26 @@ def latest_checkpoint(cfg: Config) -> str | None:
     return user_path(fs, complete[-1]) if complete else None
 
 
-def export_path(cfg: Config) -> str:
-    return cfg.train.export_path or f"{run_dir(cfg)}/export"
+def export_path(cfg: Config, mode: Mode) -> str:
+    return cfg.train.export_path or f"{run_dir(cfg, mode)}/export"
 
 
-def export_latest(cfg: Config, checkpoint: str | None = None) -> str:
+def export_latest(cfg: Config, mode: Mode, checkpoint: str | None = None) -> str:
     """Export the student of `checkpoint` (default: the run's latest) for generation; returns where."""
+    import fsspec
+
     from pipeline.checkpoint import export_student
     from pipeline.storage import local_copy
 
-    checkpoint = checkpoint or latest_checkpoint(cfg)
+    checkpoint = checkpoint or latest_checkpoint(cfg, mode)
     if checkpoint is None:
-        raise FileNotFoundError(f"{run_dir(cfg)}: no complete checkpoint to export")
-    with local_copy(f"{checkpoint.rstrip('/')}/{WEIGHTS_FILE}") as weights, local_copy(f"{checkpoint.rstrip('/')}/{STATE_FILE}") as state:
-        step = json.loads(Path(state).read_text())["step"]
-        export_student(weights, cfg, export_path(cfg), source={"checkpoint": checkpoint, "step": step})
-    return export_path(cfg)
+        raise FileNotFoundError(f"{run_dir(cfg, mode)}: no complete checkpoint to export")
+    fs, root = fsspec.core.url_to_fs(checkpoint)
+    step = json.loads(fs.cat(f"{root}/{STATE_FILE}"))["step"]
+    architecture = json.loads(fs.cat(f"{root}/{ARCHITECTURE_FILE}"))
+    with local_copy(f"{checkpoint.rstrip('/')}/{WEIGHTS_FILE}") as weights:  # not the optimiser states
+        export_student(weights, architecture, cfg, export_path(cfg, mode), source={"checkpoint": checkpoint, "step": step})
+    return export_path(cfg, mode)
 
 
 def launch(cfg: Config, mode: Mode, teacher: RealScore | None = None) -> dict[str, Any]:
@@ -444,7 +450,7 @@ def launch(cfg: Config, mode: Mode, teacher: RealScore | None = None) -> dict[st
     Returns a summary: final metrics, checkpoint, export path, MLflow URI and run id."""
     from pipeline.tracking import MLflowTracker, NullTracker, tracking_uri
 
-    directory = run_dir(cfg)
+    directory = run_dir(cfg, mode)
     tracker: Any = NullTracker()
     uri = run_id = ""
     if cfg.tracking.tracking_uri != "none":
@@ -454,7 +460,7 @@ def launch(cfg: Config, mode: Mode, teacher: RealScore | None = None) -> dict[st
         uri, run_id = tracker.uri, tracker.run_id
     try:
         result = fit(cfg, mode, teacher, uri, run_id)
-        exported = export_latest(cfg, result.checkpoint.path if "://" not in directory else None)
+        exported = export_latest(cfg, mode, result.checkpoint.path if "://" not in directory else None)
     except BaseException:
         tracker.close()
         raise
@@ -483,22 +489,22 @@ def preflight(cfg: Config, mode: Mode) -> None:
         raise FileNotFoundError(f"data.output={cfg.data.output}: no shards; run jobs/preprocess.py first")
     if mode == "ode_init" and not info.trajectory_timesteps:
         raise ValueError(f"data.output={cfg.data.output} holds no ODE trajectories: preprocess with data.trajectory_steps set")
-    expected = (student_latent_channels(cfg), cfg.model.num_latent_frames, cfg.model.latent_height, cfg.model.latent_width)
+    expected = (student_latent_channels(cfg, mode), cfg.model.num_latent_frames, cfg.model.latent_height, cfg.model.latent_width)
     if tuple(info.latent.shape) != expected:
         raise ValueError(
             f"data.output={cfg.data.output} holds latents of shape {list(info.latent.shape)}, the config asks for "
             f"{list(expected)} (model.num_latent_frames, model.latent_height, model.latent_width)"
         )
-    for key in ("teacher_path", "student_path", "critic_path", "text_encoder_path"):
+    for key in ("teacher_path", "student_init_path" if mode == "ode_init" else "student_path", "critic_path", "text_encoder_path"):
         path = getattr(cfg.model, key)
         if path and not fsspec.core.url_to_fs(path)[0].exists(fsspec.core.url_to_fs(path)[1]):
             raise FileNotFoundError(f"model.{key}={path}: no such file or directory")
 
 
-def student_latent_channels(cfg: Config) -> int:
+def student_latent_channels(cfg: Config, mode: Mode) -> int:
     from pipeline.models.loading import student_architecture
 
-    return int(student_architecture(cfg.model)["in_channels"])
+    return int(student_architecture(cfg.model, for_ode_init=mode == "ode_init")["in_channels"])
 
 
 def summary_text(summary: dict[str, Any]) -> str:

@@ -73,14 +73,14 @@ def test_ode_init_then_distill_by_ray_job_submit_then_generate(ray_cluster, tmp_
     address = f"ray.address={ray_cluster[0]}"
     ode = job_config(tmp_path, "ode")
     log = run_job("jobs/ode_init.py", "--config", str(ode), address)
-    ode_export = tmp_path / "runs" / "ode" / "export"
+    ode_export = tmp_path / "runs" / "ode" / "ode_init" / "export"
     assert "export:" in log and (ode_export / "transformer" / "config.json").is_file()
 
     distill = job_config(tmp_path, "distill", model={"student_path": str(ode_export / "transformer")})
     result = submit(ray_cluster[1], ["python", "jobs/distill.py", "--config", str(distill)])
     log = result.stdout + result.stderr
     assert result.returncode == 0 and "succeeded" in log, log[-4000:]
-    export = tmp_path / "runs" / "distill" / "export"
+    export = tmp_path / "runs" / "distill" / "distill" / "export"
     assert {p.name for p in export.iterdir()} >= {"transformer", "text_encoder", "tokenizer", "codec", "oneforce.json"}
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -72,11 +72,13 @@ def _from_teacher(cfg: ModelConfig, role: str, arch: str) -> CausalWanModel:
     return teacher.train().requires_grad_(True)
 
 
-def load_student(cfg: ModelConfig, device: str | torch.device = "cpu") -> CausalWanModel:
-    """The trainable causal student in float32 (DeepSpeed casts for bf16 training): `student_path` (an
-    ODE-init export: diffusers directory or single file) or, when empty, the teacher's weights."""
-    if cfg.student_path:
-        model = load_wan(cfg.student_path, config=cfg.student_arch, dtype=torch.float32)
+def load_student(cfg: ModelConfig, device: str | torch.device = "cpu", for_ode_init: bool = False) -> CausalWanModel:
+    """The trainable causal student in float32 (DeepSpeed casts for bf16 training), from
+    `student_init_path` (ODE init) or `student_path` (distillation: the ODE-init export), a diffusers
+    directory or a single file; when that is empty, from the teacher's weights."""
+    path = cfg.student_init_path if for_ode_init else cfg.student_path
+    if path:
+        model = load_wan(path, config=cfg.student_arch, dtype=torch.float32)
     else:
         model = _from_teacher(cfg, "student", cfg.student_arch)
     return model.to(device).train().requires_grad_(True)
@@ -97,13 +99,14 @@ def load_critic(cfg: Config, device: str | torch.device = "cpu") -> Critic:
     return Critic(trunk, heads, disc.feature_layers).to(device).train().requires_grad_(True)
 
 
-def student_architecture(cfg: ModelConfig) -> dict:
+def student_architecture(cfg: ModelConfig, for_ode_init: bool = False) -> dict:
     """The student's diffusers config without loading weights: its directory's config.json, the named
     architecture for a single file, or the teacher's when the student starts from it."""
-    if not cfg.student_path:
+    path = cfg.student_init_path if for_ode_init else cfg.student_path
+    if not path:
         return teacher_config(cfg)
-    fs, path = fsspec.core.url_to_fs(cfg.student_path)
-    config_path = f"{path.rstrip('/')}/config.json"
-    if fs.isdir(path) and fs.exists(config_path):
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    config_path = f"{fs_path.rstrip('/')}/config.json"
+    if fs.isdir(fs_path) and fs.exists(config_path):
         return json.loads(fs.cat(config_path))
     return dict(WAN_CONFIGS[cfg.student_arch])
