@@ -26,7 +26,6 @@ import torch
 
 from pipeline import data, distill, trainer
 from pipeline.config import Config, load_config
-from pipeline.models.loading import load_critic, load_student, load_teacher
 
 
 def write_dataset(out: str, rows: int) -> None:
@@ -59,14 +58,7 @@ def steps_per_second(times: list[float], warmup: int) -> float:
 
 def plain_round(cfg: Config, warmup: int, queue) -> None:
     """In a child process, so its peak RSS is its own."""
-    negative = data.read_negative_prompt(cfg.data.output)
-    student, critic = load_student(cfg.model), load_critic(cfg)
-    ctx = distill.StepContext(
-        cfg, distill.TorchOptimised(student, cfg.train.lr, cfg.train),
-        distill.LocalTeacher(load_teacher(cfg.model), negative, cfg.method.real_guidance),
-        distill.LocalCritic(distill.TorchOptimised(critic, cfg.train.critic_lr, cfg.train), cfg.method),
-        lambda: distill.module_state(student),
-    )
+    ctx = distill.plain_context(cfg, data.read_negative_prompt(cfg.data.output))
     batches = distill.epoch_batches(data.read_dataset(cfg.data.output), cfg.train.batch_size)
     times = []
     for step in range(cfg.train.steps):

@@ -446,6 +446,19 @@ def epoch_batches(rows: dict[str, Any], batch_size: int) -> Iterator[dict[str, A
         yield {k: (v[take] if isinstance(v, torch.Tensor) else [v[i] for i in take]) for k, v in rows.items() if v is not None}
 
 
+def plain_context(cfg: Config, negative: torch.Tensor) -> StepContext:
+    """Every role in this process: the student and critic with torch AdamW, the teacher in-process."""
+    from pipeline.models.loading import load_critic, load_student, load_teacher
+
+    student = load_student(cfg.model)
+    return StepContext(
+        cfg, TorchOptimised(student, cfg.train.lr, cfg.train),
+        LocalTeacher(load_teacher(cfg.model), negative, cfg.method.real_guidance),
+        LocalCritic(TorchOptimised(load_critic(cfg), cfg.train.critic_lr, cfg.train), cfg.method),
+        lambda: module_state(student),
+    )
+
+
 def plain_distill(ctx: StepContext, batches: Iterable[dict[str, Any]], steps: range) -> list[dict[str, float]]:
     """The reference: the same step functions in one process, no Ray, no DeepSpeed."""
     history = []

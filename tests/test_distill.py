@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from pipeline import data, distill, trainer
 from pipeline.config import Config, load_config
-from pipeline.models.loading import load_critic, load_student, load_teacher
 
 COMPARED = ("critic_loss", "critic_flow", "gan_d", "dmd", "gan_g", "ode_loss")
 FRAMES, TRAJECTORY = 3, (1000.0, 750.0, 500.0, 250.0)
@@ -57,14 +56,7 @@ def tiny_config(dataset: str, storage: str, name: str, *overrides: str) -> Confi
 
 def plain_run(cfg: Config, batches: list[dict]) -> tuple[list[dict[str, float]], distill.StepContext]:
     """The reference: the same steps in this process, fed `batches` in order."""
-    negative = data.read_negative_prompt(cfg.data.output)
-    student, critic = load_student(cfg.model), load_critic(cfg)
-    ctx = distill.StepContext(
-        cfg, distill.TorchOptimised(student, cfg.train.lr, cfg.train),
-        distill.LocalTeacher(load_teacher(cfg.model), negative, cfg.method.real_guidance),
-        distill.LocalCritic(distill.TorchOptimised(critic, cfg.train.critic_lr, cfg.train), cfg.method),
-        lambda: distill.module_state(student),
-    )
+    ctx = distill.plain_context(cfg, data.read_negative_prompt(cfg.data.output))
     return distill.plain_distill(ctx, iter(batches), range(len(batches))), ctx
 
 
@@ -177,12 +169,9 @@ class NaNAtStep:
 
 def test_non_finite_generator_loss_skips_the_update_and_leaves_weights(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, str(tmp_path), "nan")
-    negative = data.read_negative_prompt(tiny_data)
-    student = load_student(cfg.model)
-    critic_opt = distill.TorchOptimised(load_critic(cfg), cfg.train.critic_lr, cfg.train)
-    student_opt = distill.TorchOptimised(student, cfg.train.lr, cfg.train)
-    teacher = NaNAtStep(distill.LocalTeacher(load_teacher(cfg.model), negative, cfg.method.real_guidance), bad_call=1)
-    ctx = distill.StepContext(cfg, student_opt, teacher, distill.LocalCritic(critic_opt, cfg.method), lambda: distill.module_state(student))
+    ctx = distill.plain_context(cfg, data.read_negative_prompt(tiny_data))
+    ctx.teacher = NaNAtStep(ctx.teacher, bad_call=1)
+    student, student_opt = ctx.student.module, ctx.student
     rows = data.read_dataset(tiny_data)
     batches = distill.epoch_batches(rows, 2)
     history = distill.plain_distill(ctx, batches, range(2))  # step 0 updates the generator normally
