@@ -78,6 +78,85 @@ def test_sliding_window_cache_equals_the_windowed_block_causal_forward(frames_pe
         assert (full - windowed).abs().max() <= TOL
 
 
+def _cached_blockwise(model, x, t, text, frames_per_block, window, sink):
+    """Generate block by block: predict a block from the cache, then write it (the rollout's two calls)."""
+    cache, outs = model.new_kv_cache(window_frames=window, sink_frames=sink), []
+    for start in range(0, x.shape[2], frames_per_block):
+        block = slice(start, start + frames_per_block)
+        t_block = t[:, block] if t.ndim == 2 else t
+        outs.append(model(x[:, :, block], t_block, text, kv_cache=cache).sample)
+        model(x[:, :, block], t_block, text, kv_cache=cache, update_cache=True)
+    return torch.cat(outs, 2), cache
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "frames_per_block, window, sink, kept",
+    [
+        (1, 3, 1, [0, 10, 11]),  # framewise, evicting
+        (1, 3, 0, [9, 10, 11]),  # sink 0 is the plain sliding window
+        (3, 4, 2, [0, 1, 10, 11]),  # chunkwise: block 0 partly kept, the last block partly evicted
+        (2, 5, 1, [0, 8, 9, 10, 11]),
+        (3, 12, 2, list(range(12))),  # a window as long as the clip evicts nothing
+    ],
+)
+def test_attention_sink_cache_equals_the_sink_masked_block_causal_forward(frames_per_block, window, sink, kept):
+    model = tiny_wan()
+    x, _, text = inputs(frames=12)
+    t = torch.rand(2, 12, generator=torch.Generator().manual_seed(4)) * 1000  # per frame
+    cached, cache = _cached_blockwise(model, x, t, text, frames_per_block, window, sink)
+    assert cache.frame_positions() == kept and cache.num_frames == 12
+    assert cache.self_kv[0][0].shape[1] == len(kept) * model.tokens_per_frame(8, 8)
+    full = model(x, t, text, frames_per_block=frames_per_block, window_frames=window, sink_frames=sink).sample
+    assert (cached - full).abs().max() <= TOL
+    unbounded = model(x, t, text, frames_per_block=frames_per_block).sample
+    if window >= 12:
+        assert (full - unbounded).abs().max() <= TOL
+    else:
+        assert (full - unbounded).abs().max() > 1e-3
+        if sink:  # the sink really is context: it differs from the same window without a sink
+            plain = model(x, t, text, frames_per_block=frames_per_block, window_frames=window).sample
+            assert (full - plain).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_last_block_sees_the_sink_and_the_recent_frames_only():
+    """Behaviour, not mechanism: with window 3 and sink 1, framewise, the last frame of 8 depends on
+    frames 0, 5, 6 and itself, and on no frame evicted from between them. One layer, so a frame's K/V
+    depend on that frame alone (with more, frame 5's K/V carry what frame 4 told it)."""
+    model = tiny_wan(num_layers=1)
+    x, t, text = inputs(frames=8)
+    last = lambda clip: _cached_blockwise(model, clip, t, text, 1, 3, 1)[0][:, :, -1]  # noqa: E731
+    base = last(x)
+    for frame, seen in [(0, True), (1, False), (4, False), (5, True), (6, True)]:
+        changed = x.clone()
+        changed[:, :, frame] += 1.0
+        assert ((last(changed) - base).abs().max() > 1e-3) == seen, frame
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("frames_per_block, window, sink", [(1, None, 0), (3, None, 0), (1, 2, 1), (3, 4, 2), (2, 3, 0)])
+def test_fused_write_and_predict_equals_the_two_calls(frames_per_block, window, sink):
+    """One call over [block k at t_ctx ; block k+1 at t] writes block k's K/V and predicts block k+1 as
+    the separate write and predict calls do, with a window and a sink included."""
+    model = tiny_wan()
+    f = frames_per_block
+    x, t, text = inputs(frames=6 * f)
+    t_ctx = torch.full((2,), 25.0)
+    caches = [model.new_kv_cache(window, sink) for _ in range(2)]
+    for k in range(5):
+        clean, noisy = x[:, :, k * f:(k + 1) * f], x[:, :, (k + 1) * f:(k + 2) * f]
+        model(clean, t_ctx, text, kv_cache=caches[0], update_cache=True)
+        two_calls = model(noisy, t, text, kv_cache=caches[0]).sample
+        t_frames = torch.cat([t_ctx[:, None].expand(2, f), t[:, None].expand(2, f)], 1)
+        fused = model(torch.cat([clean, noisy], 2), t_frames, text, kv_cache=caches[1], frames_per_block=f,
+                      update_cache=True, write_frames=f).sample[:, :, f:]
+        assert (fused - two_calls).abs().max() <= 1e-5
+        assert caches[1].num_frames == caches[0].num_frames == (k + 1) * f
+        for (k0, v0), (k1, v1) in zip(caches[0].self_kv, caches[1].self_kv):
+            assert k0.shape == k1.shape and (k0 - k1).abs().max() <= 1e-5 and (v0 - v1).abs().max() <= 1e-5
+
+
 @torch.no_grad()
 def test_block_causal_mask_hides_later_blocks_only():
     model = tiny_wan()
@@ -127,11 +206,21 @@ def test_modes_that_cannot_combine_are_rejected():
     model = tiny_wan()
     x, t, text = inputs()
     with pytest.raises(ValueError, match="not both"):
-        model(x, t, text, frames_per_block=1, kv_cache=model.new_kv_cache())
+        model(x, t, text, frames_per_block=1, window_frames=2, kv_cache=model.new_kv_cache())
     with pytest.raises(ValueError, match="needs a kv_cache"):
         model(x, t, text, frames_per_block=1, update_cache=True)
     with pytest.raises(ValueError, match="do not split"):
         model(x, t, text, frames_per_block=4)
+    with pytest.raises(ValueError, match="need frames_per_block"):
+        model(x, t, text, window_frames=2)
+    with pytest.raises(ValueError, match="needs a window"):
+        model.new_kv_cache(sink_frames=1)
+    with pytest.raises(ValueError, match="sink_frames must be in"):
+        model(x, t, text, frames_per_block=1, window_frames=2, sink_frames=2)
+    with pytest.raises(ValueError, match="write_frames"):
+        model(x, t, text, frames_per_block=3, kv_cache=model.new_kv_cache(), write_frames=3)
+    with pytest.raises(ValueError, match="write_frames"):  # half a block's K/V would have seen the other half
+        model(x, t, text, frames_per_block=3, kv_cache=model.new_kv_cache(), update_cache=True, write_frames=2)
 
 
 def _cached_second_block(model, x, t, text):

@@ -9,11 +9,18 @@ is how it can be called:
     cache = model.new_kv_cache()
     model(x_block, t, text, kv_cache=cache)            # one block attending to the cached clean blocks
     model(x_clean, t0, text, kv_cache=cache, update_cache=True)   # write the block's K/V into the cache
+    model(x_two, t_frames, text, kv_cache=cache, frames_per_block=f, update_cache=True, write_frames=f)
+                                                       # fused: write block k, predict block k+1, one call
 
 Causality lives in the attention processors: a token in block b attends to every token of blocks <= b.
 With a cache, the current block's queries attend to [cached K/V ; current K/V] and RoPE is applied at the
 block's absolute frame position, so generating block by block equals the block-causal full forward.
 `timestep` may be per sample (B,) or per latent frame (B, F).
+
+Long videos: a cache made with `window_frames` keeps the clip's first `sink_frames` latent frames for good
+(the attention sink) and the most recent `window_frames - sink_frames`; the whole-clip forward takes the
+same two numbers and masks accordingly, so both still agree. One rule decides what a query frame sees
+(`_visible_frames`), for the full, the cached and the fused forward alike.
 
 The mode of a forward reaches the processors through a context variable set around each transformer block,
 not through attributes on the processors: one model can serve forwards from several threads at once, and
@@ -54,27 +61,72 @@ class KVCache:
     # it keeps counting while old frames leave the cache, so positions never shift.
     num_frames: int = 0
     window_frames: int | None = None  # keep at most this many latent frames (sliding window); None = all
+    sink_frames: int = 0  # of those, the clip's first frames, never evicted (attention sink)
 
     @classmethod
-    def empty(cls, num_layers: int, window_frames: int | None = None) -> KVCache:
-        if window_frames is not None and window_frames < 1:
-            raise ValueError(f"window_frames must be >= 1, got {window_frames}")
-        return cls(self_kv=[None] * num_layers, text_kv=[None] * num_layers, window_frames=window_frames)
+    def empty(cls, num_layers: int, window_frames: int | None = None, sink_frames: int = 0) -> KVCache:
+        check_window(window_frames, sink_frames)
+        return cls(
+            self_kv=[None] * num_layers, text_kv=[None] * num_layers, window_frames=window_frames, sink_frames=sink_frames
+        )
 
     @property
     def cached_frames(self) -> int:
         return self.num_frames if self.window_frames is None else min(self.num_frames, self.window_frames)
+
+    def frame_positions(self) -> list[int]:
+        """The absolute latent frames whose K/V the cache holds, in storage order."""
+        window, sink, n = self.window_frames, self.sink_frames, self.num_frames
+        if window is None or n <= window:
+            return list(range(n))
+        return list(range(sink)) + list(range(n - (window - sink), n))
+
+    def evict(self, tokens_per_frame: int) -> None:
+        """Drop the frames outside [sink ; most recent window - sink]; `tokens_per_frame` per latent frame."""
+        window, sink = self.window_frames, self.sink_frames
+        if window is None or self.num_frames <= window:
+            return
+        head, tail = sink * tokens_per_frame, (window - sink) * tokens_per_frame
+        self.self_kv = [(torch.cat([k[:, :head], k[:, -tail:]], 1), torch.cat([v[:, :head], v[:, -tail:]], 1))
+                        for k, v in self.self_kv]
+
+
+def check_window(window_frames: int | None, sink_frames: int) -> None:
+    """A window keeps >= 1 frame and its sink leaves room for at least one recent frame."""
+    if window_frames is None:
+        if sink_frames:
+            raise ValueError(f"sink_frames={sink_frames} needs a window (window_frames): without one every frame is kept")
+        return
+    if window_frames < 1:
+        raise ValueError(f"window_frames must be >= 1, got {window_frames}")
+    if not 0 <= sink_frames < window_frames:
+        raise ValueError(f"sink_frames must be in [0, window_frames={window_frames}), got {sink_frames}")
+
+
+def _visible_frames(
+    query_frames: torch.Tensor, block_size: int, key_frames: torch.Tensor, window: int | None, sink: int
+) -> torch.Tensor:
+    """(Fq, Fk) bool: may a query at absolute frame i attend to a key at absolute frame j?
+
+    Blocks are `block_size` frames from frame 0. A query sees its own block and the blocks before it; with
+    a window, of the frames before its block only the first `sink` of the clip and the most recent
+    `window - sink`: exactly what a cache holds when the query's block is generated."""
+    start = (query_frames // block_size * block_size)[:, None]
+    keys = key_frames[None, :]
+    visible = keys < start + block_size
+    if window is not None:
+        visible &= (keys < sink) | (keys >= start - (window - sink))
+    return visible
 
 
 @dataclass
 class _AttentionCall:
     """What the processors of one forward need beyond their inputs; captured per call."""
 
-    token_block: torch.Tensor | None = None  # (L,) block index of each token, for the block-causal mask
-    token_frame: torch.Tensor | None = None  # (L,) frame of each token
-    first_visible: torch.Tensor | None = None  # (L,) earliest frame each token may see (sliding window)
+    mask: torch.Tensor | None = None  # (L_query, L_key) bool over [cached ; current] keys; None = all visible
     past_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     new_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # filled when writing the cache
+    write_tokens: int | None = None  # the first this many current tokens are written (None: all)
     # The cache's text K/V, read and filled in place; None (compute them afresh) when the forward carries
     # grad, whose cached copy would have no graph and whose own copy must not outlive the step.
     text_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
@@ -158,17 +210,13 @@ class CausalWanAttnProcessor:
         self, call: _AttentionCall, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> torch.Tensor:
         if call.new_kv is not None:
-            call.new_kv[self.layer] = (key, value)
+            write = slice(None, call.write_tokens)
+            call.new_kv[self.layer] = (key[:, write], value[:, write])
         past = call.past_kv[self.layer] if call.past_kv else None
         if past is not None:
             key = torch.cat([past[0], key], dim=1)
             value = torch.cat([past[1], value], dim=1)
-        mask = None
-        if call.token_block is not None:  # full block-causal forward: token i sees block(j) <= block(i)
-            mask = call.token_block[None, :] <= call.token_block[:, None]
-            if call.first_visible is not None:  # ... and only frames inside its window
-                mask = mask & (call.token_frame[None, :] >= call.first_visible[:, None])
-        return _attend(query, key, value, mask)
+        return _attend(query, key, value, call.mask)
 
 
 class CausalWanOutput(BaseOutput):
@@ -205,9 +253,10 @@ class CausalWanModel(WanTransformer3DModel):
                         "install_causal_processors() first"
                     )
 
-    def new_kv_cache(self, window_frames: int | None = None) -> KVCache:
-        """An empty cache; `window_frames` bounds it to the most recent latent frames (long videos)."""
-        return KVCache.empty(len(self.blocks), window_frames)
+    def new_kv_cache(self, window_frames: int | None = None, sink_frames: int = 0) -> KVCache:
+        """An empty cache; `window_frames` bounds it (long videos) to the clip's first `sink_frames` latent
+        frames and the most recent `window_frames - sink_frames`."""
+        return KVCache.empty(len(self.blocks), window_frames, sink_frames)
 
     def tokens_per_frame(self, height: int, width: int) -> int:
         _, p_h, p_w = self.config.patch_size
@@ -227,17 +276,25 @@ class CausalWanModel(WanTransformer3DModel):
         update_cache: bool = False,
         feature_layers: tuple[int, ...] = (),
         window_frames: int | None = None,
+        sink_frames: int = 0,
+        write_frames: int | None = None,
     ) -> CausalWanOutput | tuple[torch.Tensor, ...]:
         """Velocity prediction for `hidden_states` (B, C, F, H, W) at `timestep` (B,) or (B, F).
 
-        `window_frames` (with `frames_per_block`) limits each block to the `window_frames` latent frames
-        before it, as a sliding-window KV cache does: the whole-clip equivalent of generating with
-        `new_kv_cache(window_frames)`."""
+        Without a cache, `window_frames` and `sink_frames` (with `frames_per_block`) limit what each block
+        sees of the frames before it as `new_kv_cache(window_frames, sink_frames)` does: the whole-clip
+        equivalent of generating with that cache. With a cache, `frames_per_block` splits the input into
+        blocks that are causal among themselves, and `update_cache` writes the K/V of the first
+        `write_frames` latent frames (default: all) into the cache."""
         if frames_per_block is None and kv_cache is None:
+            if window_frames is not None or sink_frames:
+                raise ValueError("window_frames and sink_frames need frames_per_block (a block-causal forward)")
             call = None  # bidirectional: diffusers' processors, exactly
         else:
             self._check_causal_processors()
-            call = self._attention_call(hidden_states, frames_per_block, kv_cache, update_cache, window_frames)
+            call = self._attention_call(
+                hidden_states, frames_per_block, kv_cache, update_cache, window_frames, sink_frames, write_frames
+            )
         if call is not None and encoder_hidden_states_image is not None:
             raise NotImplementedError("image conditioning (I2V) is not supported in causal or cached mode")
         frame_offset = kv_cache.num_frames if kv_cache is not None else 0
@@ -246,43 +303,63 @@ class CausalWanModel(WanTransformer3DModel):
             if call.text_kv is not None:
                 kv_cache.text_kv = call.text_kv
             if update_cache:
-                kv_cache.self_kv = [
-                    new if old is None else (torch.cat([old[0], new[0]], 1), torch.cat([old[1], new[1]], 1))
-                    for old, new in zip(kv_cache.self_kv, call.new_kv)
-                ]
-                kv_cache.num_frames += hidden_states.shape[2]
-                if kv_cache.window_frames is not None:
-                    keep = kv_cache.window_frames // self.config.patch_size[0] * self.tokens_per_frame(*hidden_states.shape[3:])
-                    kv_cache.self_kv = [(k[:, -keep:], v[:, -keep:]) for k, v in kv_cache.self_kv]
+                self._write(kv_cache, call, hidden_states, write_frames)
         if not return_dict:
             return (sample,) if not feature_layers else (sample, features)
         return CausalWanOutput(sample=sample, features=features or None)
 
+    def _write(self, cache: KVCache, call: _AttentionCall, x: torch.Tensor, write_frames: int | None) -> None:
+        """Append this forward's written K/V, advance the frame count, evict what the window drops."""
+        cache.self_kv = [
+            new if old is None else (torch.cat([old[0], new[0]], 1), torch.cat([old[1], new[1]], 1))
+            for old, new in zip(cache.self_kv, call.new_kv)
+        ]
+        cache.num_frames += x.shape[2] if write_frames is None else write_frames
+        cache.evict(self.tokens_per_frame(*x.shape[3:]) // self.config.patch_size[0])
+
     def _attention_call(
         self, x: torch.Tensor, frames_per_block: int | None, kv_cache: KVCache | None, update_cache: bool,
-        window_frames: int | None = None,
+        window_frames: int | None, sink_frames: int, write_frames: int | None,
     ) -> _AttentionCall:
-        if kv_cache is not None:
-            if frames_per_block is not None or window_frames is not None:
-                raise ValueError("pass either kv_cache (one block at a time) or frames_per_block, not both")
-            new_kv = [None] * len(self.blocks) if update_cache else None
-            # Decided once here, outside any checkpoint, so a recompute runs the same ops as the forward.
-            text_kv = None if torch.is_grad_enabled() else list(kv_cache.text_kv)
-            return _AttentionCall(past_kv=list(kv_cache.self_kv), new_kv=new_kv, text_kv=text_kv)
-        if update_cache:
-            raise ValueError("update_cache=True needs a kv_cache")
-        p_t = self.config.patch_size[0]
         num_frames, height, width = x.shape[2:]
-        if num_frames % (frames_per_block * p_t):
+        block = frames_per_block or num_frames  # a cached forward without it is one block
+        if num_frames % block:
             raise ValueError(f"{num_frames} latent frames do not split into blocks of {frames_per_block}")
-        frame = torch.arange(num_frames // p_t, device=x.device)
-        per_frame = self.tokens_per_frame(height, width)
-        token_block = (frame // frames_per_block).repeat_interleave(per_frame)
-        if window_frames is None:
-            return _AttentionCall(token_block=token_block)
-        token_frame = frame.repeat_interleave(per_frame)
-        first_visible = token_block * (frames_per_block // p_t) - window_frames // p_t
-        return _AttentionCall(token_block=token_block, token_frame=token_frame, first_visible=first_visible)
+        if kv_cache is None:
+            if update_cache or write_frames is not None:
+                raise ValueError("update_cache=True needs a kv_cache")
+            check_window(window_frames, sink_frames)
+            mask = self._frame_mask(x, 0, block, torch.arange(num_frames), window_frames, sink_frames)
+            return _AttentionCall(mask=mask)
+        if window_frames is not None or sink_frames:
+            raise ValueError("pass either kv_cache (whose window and sink it keeps) or window_frames/sink_frames, not both")
+        if write_frames is not None and (not update_cache or write_frames % block or not 0 < write_frames <= num_frames):
+            raise ValueError(f"write_frames={write_frames} needs update_cache=True and whole blocks of {block} of the {num_frames} frames")
+        start = kv_cache.num_frames
+        keys = torch.tensor(kv_cache.frame_positions() + list(range(start, start + num_frames)), dtype=torch.long)
+        mask = self._frame_mask(x, start, block, keys, kv_cache.window_frames, kv_cache.sink_frames)
+        tokens = self.tokens_per_frame(height, width) // self.config.patch_size[0]
+        new_kv = [None] * len(self.blocks) if update_cache else None
+        # Decided once here, outside any checkpoint, so a recompute runs the same ops as the forward.
+        text_kv = None if torch.is_grad_enabled() else list(kv_cache.text_kv)
+        return _AttentionCall(
+            mask=mask, past_kv=list(kv_cache.self_kv), new_kv=new_kv, text_kv=text_kv,
+            write_tokens=None if write_frames is None else write_frames * tokens,
+        )
+
+    def _frame_mask(
+        self, x: torch.Tensor, start: int, block: int, key_frames: torch.Tensor, window: int | None, sink: int
+    ) -> torch.Tensor | None:
+        """The token mask of `_visible_frames` for queries at latent frames [start, start + F), None when
+        every query sees every key (a single cached block: the plain, fastest attention)."""
+        p_t = self.config.patch_size[0]
+        queries = torch.arange(start, start + x.shape[2], p_t)
+        visible = _visible_frames(queries // p_t, block // p_t, key_frames[::p_t] // p_t,
+                                  None if window is None else window // p_t, sink // p_t)
+        if visible.all():
+            return None
+        per_frame = self.tokens_per_frame(*x.shape[3:])
+        return visible.repeat_interleave(per_frame, 0).repeat_interleave(per_frame, 1).to(x.device)
 
     def _rope(self, x: torch.Tensor, frame_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """diffusers' RoPE table (WanRotaryPosEmbed) for latent frames [frame_offset, frame_offset + F)."""
