@@ -8,6 +8,12 @@ Training and inference share `iter_blocks`. For each block of `frames_per_block`
   3. the clean block is run once more at t = `context_noise`, without grad, to write its K/V into the
      cache (skipped after the last block: nothing reads it).
 So a one-step rollout of N blocks costs 2N - 1 model calls and a four-step one 5N - 1.
+
+`fused=True` (inference) does step 3 of block k inside the first step of block k+1: one call over
+[block k at `context_noise` ; block k+1 at its first t], block-causal inside, per-frame timesteps, writing
+block k's K/V and predicting block k+1. A one-step rollout then costs N calls, a four-step one 4N. Only
+that first step can carry the write (later steps need the cache as it is after it), and a step with grad
+is never fused: its graph would reach the written K/V, so it keeps the two calls.
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ from pipeline.flow import add_noise, warp_timesteps, x0_from_velocity
 class CausalStudent(Protocol):
     """What the rollout needs of a model; `CausalWanModel` implements it."""
 
-    def new_kv_cache(self, window_frames: int | None = None): ...
+    def new_kv_cache(self, window_frames: int | None = None, sink_frames: int = 0): ...
 
-    def __call__(self, hidden_states, timestep, encoder_hidden_states, *, kv_cache, update_cache=False): ...
+    def __call__(
+        self, hidden_states, timestep, encoder_hidden_states, *, kv_cache, update_cache=False, frames_per_block=None,
+        write_frames=None,
+    ): ...
 
 
 @dataclass
@@ -75,20 +84,25 @@ def iter_blocks(
     context_noise: float = 0.0,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     cache_window: int | None = None,
+    sink_frames: int = 0,
+    fused: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield each block's clean x0 (B, C, frames_per_block, H, W) as soon as it is produced.
 
     `noise` (B, C, F, H, W) holds the starting noise of every block; `exit_steps[b]` is the index in
     block b's step list whose prediction is kept (default: the last step); `generator` drives the
     re-noising between steps: one for the batch, or one per sample (a sample's draws then do not
-    depend on its batch-mates: training seeds them per global sample index). `cache_window` keeps only that many latent frames of context (sliding
-    window, for clips longer than training); positions stay absolute.
+    depend on its batch-mates: training seeds them per global sample index). `cache_window` keeps only
+    that many latent frames of context (sliding window, for clips longer than training), the first
+    `sink_frames` of the clip among them for good; positions stay absolute. `fused`: see the module doc.
     """
     num_blocks = len(steps_per_block)
     if noise.shape[2] != num_blocks * frames_per_block:
         raise ValueError(f"noise has {noise.shape[2]} frames, expected {num_blocks} blocks x {frames_per_block}")
     batch = noise.shape[0]
-    cache = student.new_kv_cache(cache_window)
+    cache = student.new_kv_cache(cache_window, sink_frames)
+    context_t = torch.full((batch,), float(context_noise), device=noise.device)
+    pending = None  # the previous block's context, not yet in the cache (fused: waits for the next call)
     for block, steps in enumerate(steps_per_block):
         exit_index = len(steps) - 1 if exit_steps is None else exit_steps[block]
         with_grad = block >= num_blocks - gradient_num_blocks
@@ -96,16 +110,27 @@ def iter_blocks(
         for i, t in enumerate(steps[: exit_index + 1]):
             is_exit = i == exit_index
             t_batch = torch.full((batch,), float(t), device=noise.device)
+            if pending is not None and is_exit and with_grad:
+                _write_cache(student, cache, pending, context_t, text)
+                pending = None
             grad_context = contextlib.nullcontext() if (is_exit and with_grad) else torch.no_grad()
             with grad_context:
-                v = student(x_t, t_batch, text, kv_cache=cache).sample
+                if pending is not None:
+                    v = _fused_step(student, cache, pending, context_t, x_t, t_batch, text)
+                    pending = None
+                else:
+                    v = student(x_t, t_batch, text, kv_cache=cache).sample
                 x0 = x0_from_velocity(x_t, v, t_batch)
             if not is_exit:
                 fresh = fresh_noise(x0, generator)
                 x_t = add_noise(x0, fresh, steps[i + 1])
         yield x0
         if block + 1 < num_blocks:
-            _write_cache(student, cache, x0.detach(), text, context_noise, generator)
+            context = _context(x0.detach(), context_t, generator)  # its noise is drawn here either way
+            if fused:
+                pending = context
+            else:
+                _write_cache(student, cache, context, context_t, text)
 
 
 def fresh_noise(like: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
@@ -118,14 +143,27 @@ def fresh_noise(like: torch.Tensor, generator: torch.Generator | Sequence[torch.
     return torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in generator]).to(like.device)
 
 
-def _write_cache(student, cache, x0: torch.Tensor, text: torch.Tensor, context_noise: float, generator) -> None:
-    t_batch = torch.full((x0.shape[0],), float(context_noise), device=x0.device)
-    context = x0
-    if context_noise > 0:
-        fresh = fresh_noise(x0, generator)
-        context = add_noise(x0, fresh, t_batch)
+def _context(x0: torch.Tensor, context_t: torch.Tensor, generator) -> torch.Tensor:
+    """The clean block as the cache sees it: re-noised to t = `context_noise` when that is > 0."""
+    if not context_t.any():
+        return x0
+    return add_noise(x0, fresh_noise(x0, generator), context_t)
+
+
+def _write_cache(student, cache, context: torch.Tensor, context_t: torch.Tensor, text: torch.Tensor) -> None:
     with torch.no_grad():
-        student(context, t_batch, text, kv_cache=cache, update_cache=True)
+        student(context, context_t, text, kv_cache=cache, update_cache=True)
+
+
+def _fused_step(student, cache, context, context_t, x_t, t_batch, text) -> torch.Tensor:
+    """Velocity of `x_t` (block k+1) from one call that also writes `context` (block k) into the cache."""
+    frames = context.shape[2]
+    timestep = torch.cat([context_t[:, None].expand(-1, frames), t_batch[:, None].expand(-1, frames)], dim=1)
+    out = student(
+        torch.cat([context, x_t], dim=2), timestep, text, kv_cache=cache, frames_per_block=frames,
+        update_cache=True, write_frames=frames,
+    )
+    return out.sample[:, :, frames:]
 
 
 def rollout(

@@ -44,8 +44,8 @@ class CountingModel(torch.nn.Module):
         super().__init__()
         self.model, self.calls = model, 0
 
-    def new_kv_cache(self, window_frames=None):
-        return self.model.new_kv_cache(window_frames)
+    def new_kv_cache(self, window_frames=None, sink_frames=0):
+        return self.model.new_kv_cache(window_frames, sink_frames)
 
     def forward(self, *args, **kwargs):
         self.calls += 1
@@ -67,12 +67,61 @@ def test_call_counts_one_step_2n_minus_1_four_step_5n_minus_1():
     assert model.calls == 4 + (FRAMES - 1) + (FRAMES - 1)
 
 
+FOUR = training_steps([1000, 750, 500, 250], 5.0, warp=True)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fpb, window, sink", [(1, None, 0), (3, None, 0), (1, 3, 1), (3, 4, 2), (2, 3, 0)])
+@pytest.mark.parametrize("steps, schedule", [([1000.0], "uniform"), (FOUR, "first4then1"), (FOUR, "uniform")])
+def test_fused_rollout_equals_the_unfused_rollout(fpb, window, sink, steps, schedule):
+    """The fused cache-write changes the number of calls, not the clip: with context noise (its draw
+    and the re-noising share one generator), a window and a sink."""
+    model = CountingModel(tiny_wan())
+    noise, text = _noise_and_text(frames=12)
+    blocks = inference_schedule(12 // fpb, steps, schedule)
+    outs, calls = [], []
+    for fused in (False, True):
+        model.calls = 0
+        outs.append(rollout(model, noise, text, blocks, fpb, context_noise=40.0, generator=torch.Generator().manual_seed(3),
+                            cache_window=window, sink_frames=sink, fused=fused).x0)
+        calls.append(model.calls)
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5
+    n = 12 // fpb
+    unfused_calls = sum(len(b) for b in blocks) + n - 1
+    assert calls == [unfused_calls, unfused_calls - (n - 1)]  # every cache write rode along
+    if window is not None:  # the window does bite: without it the clip differs
+        unbounded = rollout(model, noise, text, blocks, fpb, context_noise=40.0, generator=torch.Generator().manual_seed(3),
+                            fused=True).x0
+        assert (unbounded - outs[1]).abs().max() > 1e-3
+
+
+def test_fused_rollout_with_grad_keeps_the_grad_steps_unfused():
+    """Asked for in training, fused leaves a grad-carrying step as the two calls: the same x0 and the
+    same gradients as the unfused rollout."""
+    noise, text = _noise_and_text(frames=3)
+    outs, grads, calls = [], [], []
+    for fused in (False, True):
+        model = GradRecordingModel(tiny_wan())
+        out = rollout(model, noise, text, [FOUR] * 3, 1, exit_steps=[0, 2, 0], gradient_num_blocks=2,
+                      generator=torch.Generator().manual_seed(1), context_noise=10.0, fused=fused).x0
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        calls.append(model.calls)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        graph_calls = [i for i, (_, grad, _) in enumerate(model.log) if grad]
+        # block 2 exits at its first step, with grad: its cache write (block 1's) is a call of its own
+        assert [w for _, _, w in model.log][graph_calls[-1] - 1] is True
+    assert calls == [1 + 1 + 3 + 1 + 1, 1 + 3 + 1 + 1]  # block 1's first step (no grad) did fuse
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5
+    assert grads[0].abs().max() > 0 and (grads[0] - grads[1]).abs().max() <= 1e-5
+
+
 @torch.no_grad()
 def test_exit_step_keeps_that_steps_prediction():
     """Exiting at step k of [t0, t1, t2, t3] equals walking the list [t0 .. tk] to its end."""
     model = tiny_wan()
     noise, text = _noise_and_text(frames=2)
-    four = training_steps([1000, 750, 500, 250], 5.0, warp=True)
+    four = FOUR
     exited = rollout(model, noise, text, [four, four], 1, exit_steps=[1, 1],
                      generator=torch.Generator().manual_seed(7)).x0
     walked = rollout(model, noise, text, [four[:2], four[:2]], 1, generator=torch.Generator().manual_seed(7)).x0
@@ -156,7 +205,8 @@ class GradRecordingModel(CountingModel):
         self.log: list[tuple[float, bool, bool]] = []  # (t, grad enabled, cache write)
 
     def forward(self, x, t, text, **kwargs):
-        self.log.append((float(t[0]), torch.is_grad_enabled(), kwargs.get("update_cache", False)))
+        # per-frame timesteps (a fused call): the last frame's, the predicted block's
+        self.log.append((float(t[0].reshape(-1)[-1]), torch.is_grad_enabled(), kwargs.get("update_cache", False)))
         return super().forward(x, t, text, **kwargs)
 
 
