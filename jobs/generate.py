@@ -8,7 +8,7 @@ prompt are honoured). Each clip is written as <out>/<id>_<sample>.mp4, where id 
 its base seed and sample k uses seed + k; <out>/manifest.jsonl and manifest.parquet list them (id,
 sample, prompt, seed, path, frames, seconds, first_frame_seconds, fps_generated, model_id, source, line).
 A rerun skips clips already in the manifest whose file exists. Settings: `generate` (fps, samples, seed,
-long clips with num_latent_frames and cache_window, actors and their resources), `method` (step list,
+long clips with num_latent_frames, cache_window and sink_frames, actors and their resources), `method` (step list,
 schedule, context noise) and `model` (frames_per_block, latent size).
 """
 

@@ -235,6 +235,7 @@ class GenerateConfig:
     fps: int = 16
     num_latent_frames: int = 0  # 0 = model.num_latent_frames; more makes long videos (see cache_window)
     cache_window: int = 0  # latent frames of KV context kept; 0 = all (a sliding window beyond it)
+    sink_frames: int = 0  # of the window, the clip's first latent frames kept for good (attention sink)
     samples: int = 1  # clips per prompt unless the prompt file says
     seed: int = 0  # base seed unless the prompt file says; sample k uses seed + k
     actors: int = 1
@@ -243,8 +244,13 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "fps", "samples", "actors", "max_prompt_chars")
-        if self.num_latent_frames < 0 or self.cache_window < 0:
-            raise ConfigError("generate.num_latent_frames and generate.cache_window must be >= 0")
+        if self.num_latent_frames < 0 or self.cache_window < 0 or self.sink_frames < 0:
+            raise ConfigError("generate.num_latent_frames, generate.cache_window and generate.sink_frames must be >= 0")
+        if self.sink_frames and not self.sink_frames < self.cache_window:
+            raise ConfigError(
+                f"generate.sink_frames={self.sink_frames} needs generate.cache_window above it (the window holds the sink "
+                f"and at least one recent frame), got cache_window={self.cache_window}"
+            )
 
 
 @dataclass

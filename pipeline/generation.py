@@ -45,6 +45,10 @@ class GenerationSettings:
     latent_width: int
     context_noise: float = 0.0
     cache_window: int | None = None  # latent frames of context kept; None = all
+    sink_frames: int = 0  # of the window, the clip's first latent frames kept for good (attention sink)
+    # Each block's cache write inside the next block's first call (pipeline/rollout.py): the same clip
+    # with fewer calls; off only to measure or check it.
+    fused: bool = True
 
     @classmethod
     def from_config(cls, cfg: Config) -> GenerationSettings:
@@ -61,11 +65,16 @@ class GenerationSettings:
             latent_width=cfg.model.latent_width,
             context_noise=m.context_noise,
             cache_window=g.cache_window or None,
+            sink_frames=g.sink_frames,
         )
 
     @property
     def num_blocks(self) -> int:
         return self.num_latent_frames // self.frames_per_block
+
+    def rollout_options(self) -> dict:
+        """The keyword arguments of `iter_blocks` that these settings fix."""
+        return dict(context_noise=self.context_noise, cache_window=self.cache_window, sink_frames=self.sink_frames, fused=self.fused)
 
 
 @dataclass
@@ -149,15 +158,12 @@ class ClipGenerator:
     def stream(self, prompt: str, seed: int) -> Iterator[np.ndarray]:
         """Frames (n, H, W, 3) in [0, 1] as each block is generated. The prefix is re-decoded each time
         and only the new frames are yielded: exact for any causal codec (the patch codec is per frame;
-        the Wan VAE is causal in time)."""
+        the Wan VAE is causal in time). Long clips: `settings.cache_window` and `settings.sink_frames`."""
         noise, text, steps, renoise = self._inputs(prompt, seed)
         s = self.settings
         blocks: list[torch.Tensor] = []
         shown = 0
-        for block in iter_blocks(
-            self.student, noise, text, steps, s.frames_per_block,
-            context_noise=s.context_noise, generator=renoise, cache_window=s.cache_window,
-        ):
+        for block in iter_blocks(self.student, noise, text, steps, s.frames_per_block, generator=renoise, **s.rollout_options()):
             blocks.append(block)
             frames = self._decode(torch.cat(blocks, dim=2))
             yield frames[shown:]
@@ -168,10 +174,7 @@ class ClipGenerator:
         """The whole clip (T, H, W, 3) in [0, 1]: the rollout of all blocks, then one decode."""
         noise, text, steps, renoise = self._inputs(prompt, seed)
         s = self.settings
-        out = rollout(
-            self.student, noise, text, steps, s.frames_per_block,
-            context_noise=s.context_noise, generator=renoise, cache_window=s.cache_window,
-        )
+        out = rollout(self.student, noise, text, steps, s.frames_per_block, generator=renoise, **s.rollout_options())
         return self._decode(out.x0)
 
     def timed(self, prompt: str, seed: int) -> tuple[np.ndarray, Timing]:

@@ -74,6 +74,21 @@ def test_s3_prompts_and_output(ray_local, s3_server, checkpoint):
     assert read_video(local).shape == (4, 32, 32, 3)
 
 
+def test_generator_actors_take_the_window_and_sink_from_the_config(checkpoint, tmp_path):
+    """What the job hands its actors (the config as a dict) reaches the rollout: a long clip with a window
+    and a sink, the frames of the notebook API with those settings."""
+    from actors.generator import GeneratorStage
+
+    long = ("generate.num_latent_frames=8", "generate.cache_window=3", "generate.sink_frames=1")
+    stage = GeneratorStage(checkpoint, _cfg(*long).to_dict(), str(tmp_path))
+    assert (stage.generator.settings.cache_window, stage.generator.settings.sink_frames) == (3, 1)
+    batch = {"id": np.array(["x"]), "sample": np.array([0]), "prompt": np.array(["a red square moving left, fast"]), "seed": np.array([2])}
+    row = stage(batch)
+    assert row["frames"][0] == 8
+    direct = ClipGenerator.load(checkpoint, _cfg(*long)).generate("a red square moving left, fast", 2)
+    assert np.abs(read_video(tmp_path / row["path"][0]) - direct).max() < 0.08
+
+
 def test_a_missing_checkpoint_is_named(ray_local, tmp_path):
     (tmp_path / "p.txt").write_text("a red square moving left, fast\n")
     with pytest.raises(FileNotFoundError, match="--checkpoint=.*nope: no such file"):

@@ -67,6 +67,55 @@ def test_long_clips_use_a_sliding_window(checkpoint):
     np.testing.assert_allclose(clip[:4], full.generate("a green triangle moving down, slow", seed=0)[:4], atol=1e-5)
 
 
+def test_long_clips_with_an_attention_sink(checkpoint):
+    """The sink keeps the first frames in context: the clip equals the sliding window's while nothing
+    has left the window, and differs from it (and from the full context) after."""
+    long = ["generate.num_latent_frames=10", "generate.cache_window=3"]
+    sink = ClipGenerator.load(str(checkpoint), generation_config(*long, "generate.sink_frames=1"))
+    assert (sink.settings.cache_window, sink.settings.sink_frames) == (3, 1)
+    clips = {name: gen.generate("a green triangle moving down, slow", seed=0) for name, gen in (
+        ("sink", sink), ("window", ClipGenerator.load(str(checkpoint), generation_config(*long))),
+        ("full", ClipGenerator.load(str(checkpoint), generation_config(long[0]))),
+    )}
+    np.testing.assert_allclose(clips["sink"][:4], clips["window"][:4], atol=1e-5)
+    assert np.abs(clips["sink"][4:] - clips["window"][4:]).max() > 1e-3
+    assert np.abs(clips["sink"][4:] - clips["full"][4:]).max() > 1e-3
+    streamed = np.concatenate(list(sink.stream("a green triangle moving down, slow", seed=0)))
+    np.testing.assert_allclose(streamed, clips["sink"], atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["generate.num_latent_frames=8", "generate.cache_window=3", "generate.sink_frames=1"],
+    ["model.frames_per_block=2", "method.denoising_steps=[1000,750,500,250]", "method.inference_schedule=first4then1"],
+])
+def test_the_generator_fuses_cache_writes_and_fused_frames_equal_unfused(checkpoint, overrides):
+    gen = ClipGenerator.load(str(checkpoint), generation_config(*overrides))
+    assert gen.settings.fused  # on by default
+    calls = []
+    hook = gen.student.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        fused = gen.generate("a red square moving left, fast", seed=5)
+        fused_calls = len(calls)
+        gen.settings.fused = False
+        unfused = gen.generate("a red square moving left, fast", seed=5)
+    finally:
+        hook.remove()
+    np.testing.assert_allclose(fused, unfused, atol=1e-5)
+    assert len(calls) - fused_calls - fused_calls == gen.settings.num_blocks - 1  # one write per later block saved
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["generate.sink_frames=1"], "generate.sink_frames=1 needs generate.cache_window above it"),
+    (["generate.cache_window=2", "generate.sink_frames=2"], "needs generate.cache_window above it"),
+    (["generate.sink_frames=-1"], "must be >= 0"),
+])
+def test_sink_frames_out_of_range_are_refused(overrides, message):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        generation_config(*overrides)
+
+
 def test_a_checkpoint_without_a_transformer_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="needs a transformer/ folder"):
