@@ -317,3 +317,21 @@ def test_grade_clips_averages_and_adds_frechet():
     assert 0.0 <= result["frechet"] < 0.05
     with pytest.raises(ValueError, match="clips but"):
         tw.grade_clips([tw.render(prompts[0], 0)], prompts)
+
+
+def test_package_layout_grader_sees_only_the_renderers_ground_truth():
+    """grammar / world / renderer / grader: the grader imports nothing of the renderer but `render`
+    (ground truth), and the package still offers every public name at its top."""
+    import ast
+    import importlib
+
+    from pipeline.toyworld import grader
+
+    tree = ast.parse(open(grader.__file__).read())
+    from_renderer = [a.name for node in tree.body if isinstance(node, ast.ImportFrom) and node.module == "pipeline.toyworld.renderer"
+                     for a in node.names]
+    assert from_renderer == ["render"]
+    for module in ("grammar", "world", "renderer", "grader"):
+        importlib.import_module(f"pipeline.toyworld.{module}")
+    assert tw.render is importlib.import_module("pipeline.toyworld.renderer").render
+    assert all(hasattr(tw, name) for name in tw.__all__)

@@ -1,361 +1,24 @@
-"""The toy world: coloured shapes moving on a plain background, and its exact grader.
+"""The toy world's grader: from pixels alone to the objects on screen, a grade per clip against its
+prompt, and a Fréchet distance of simple features between sets of clips.
 
-Small enough to train a teacher on a laptop CPU, exact enough to grade: every prompt names what must be
-on screen, and the grader recovers colour, shape, direction and speed from pixels alone (it never sees
-the scene). DESIGN.md §5 explains its role; this module has no torch dependency.
-
-Prompt grammar (one or two objects, one speed for the whole scene):
-
-    a red square moving left, fast
-    a red square moving left and a blue circle moving up, slow
-
-Clips are numpy arrays (frames, H, W, 3), float32 in [0, 1]. Image rows grow downwards, so "up" means
-decreasing row index.
+It reads clips, never the renderer's internals: `render` is used only to make ground truth (the
+sharpness reference and the Fréchet reference set), and the geometry comes from WorldConfig.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
-import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 from scipy import linalg, ndimage
 
-# ----------------------------------------------------------------------------------------------------
-# Grammar
-# ----------------------------------------------------------------------------------------------------
+from pipeline.toyworld.grammar import COLOURS, PALETTE, SHAPES, Scene, as_scene, format_prompt
+from pipeline.toyworld.renderer import render
+from pipeline.toyworld.world import FOREGROUND_ALPHA, WorldConfig, interior
 
-# Palette colours sit far apart in RGB and far from the default background, so that a pixel's colour is
-# recoverable even when it is an anti-aliased blend with the background (see `_unmix`).
-PALETTE: dict[str, tuple[float, float, float]] = {
-    "red": (0.90, 0.15, 0.15),
-    "green": (0.15, 0.80, 0.20),
-    "blue": (0.20, 0.35, 0.95),
-    "yellow": (0.95, 0.85, 0.15),
-}
-COLOURS: tuple[str, ...] = tuple(PALETTE)
-SHAPES: tuple[str, ...] = ("square", "circle", "triangle")
-DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
-SPEEDS: tuple[str, ...] = ("slow", "fast")
-
-# Unit displacement per frame in (row, col) for each direction.
-_DIRECTION_STEP: dict[str, tuple[int, int]] = {
-    "left": (0, -1),
-    "right": (0, 1),
-    "up": (-1, 0),
-    "down": (1, 0),
-}
-
-
-@dataclass(frozen=True)
-class ObjectSpec:
-    """One object of a scene: what it looks like and where it goes."""
-
-    colour: str
-    shape: str
-    direction: str
-
-
-@dataclass(frozen=True)
-class Scene:
-    """A parsed prompt: one or more objects with distinct colours, moving at one shared speed."""
-
-    objects: tuple[ObjectSpec, ...]
-    speed: str
-
-
-def _expect(word: str, allowed: tuple[str, ...], role: str, text: str) -> str:
-    if word not in allowed:
-        raise ValueError(f"unknown {role} {word!r} in prompt {text!r} (expected one of: {', '.join(allowed)})")
-    return word
-
-
-def _parse_object(chunk: str, text: str) -> ObjectSpec:
-    words = chunk.split()
-    if len(words) != 5 or words[0] != "a" or words[3] != "moving":
-        raise ValueError(
-            f"cannot parse object {chunk!r} in prompt {text!r}: expected 'a <colour> <shape> moving <direction>'"
-        )
-    return ObjectSpec(
-        colour=_expect(words[1], COLOURS, "colour", text),
-        shape=_expect(words[2], SHAPES, "shape", text),
-        direction=_expect(words[4], DIRECTIONS, "direction", text),
-    )
-
-
-def parse_prompt(text: str) -> Scene:
-    """Parse a prompt of the toy grammar; raise ValueError naming the offending word on bad input.
-
-    Case, surrounding whitespace and a trailing full stop are forgiven; the speed is required, because a
-    silent default would make the grader check something the prompt never said.
-    """
-    clean = " ".join(text.lower().strip().rstrip(".").split())
-    body, comma, speed = clean.rpartition(",")
-    if not comma:
-        raise ValueError(f"prompt {text!r} has no speed: end it with ', slow' or ', fast'")
-    speed = _expect(speed.strip(), SPEEDS, "speed", text)
-    objects = tuple(_parse_object(chunk.strip(), text) for chunk in body.split(" and "))
-    colours = [obj.colour for obj in objects]
-    if len(set(colours)) != len(colours):
-        raise ValueError(f"prompt {text!r} repeats a colour: objects must have distinct colours")
-    return Scene(objects=objects, speed=speed)
-
-
-def format_prompt(scene: Scene) -> str:
-    """Inverse of `parse_prompt`: the canonical text of a scene."""
-    body = " and ".join(f"a {o.colour} {o.shape} moving {o.direction}" for o in scene.objects)
-    return f"{body}, {scene.speed}"
-
-
-def _scene(prompt_or_scene: str | Scene) -> Scene:
-    return parse_prompt(prompt_or_scene) if isinstance(prompt_or_scene, str) else prompt_or_scene
-
-
-def all_prompts(max_objects: int = 1) -> list[str]:
-    """Every prompt with 1..max_objects objects, in a fixed order.
-
-    Two-object prompts list their colours in palette order, so no scene appears twice.
-    """
-    if max_objects not in (1, 2):
-        raise ValueError(f"max_objects must be 1 or 2, got {max_objects}")
-    looks = list(itertools.product(SHAPES, DIRECTIONS))
-    prompts = []
-    for count in range(1, max_objects + 1):
-        for colours in itertools.combinations(COLOURS, count):
-            for parts in itertools.product(looks, repeat=count):
-                for speed in SPEEDS:
-                    objects = tuple(ObjectSpec(c, s, d) for c, (s, d) in zip(colours, parts))
-                    prompts.append(format_prompt(Scene(objects, speed)))
-    return prompts
-
-
-def sample_prompt(rng: np.random.Generator, max_objects: int = 1) -> str:
-    """A random prompt: the object count is uniform in 1..max_objects, then every word uniform."""
-    if max_objects not in (1, 2):
-        raise ValueError(f"max_objects must be 1 or 2, got {max_objects}")
-    count = int(rng.integers(1, max_objects + 1))
-    colours = rng.choice(len(COLOURS), size=count, replace=False)
-    objects = tuple(
-        ObjectSpec(COLOURS[c], SHAPES[rng.integers(len(SHAPES))], DIRECTIONS[rng.integers(len(DIRECTIONS))])
-        for c in colours
-    )
-    return format_prompt(Scene(objects, SPEEDS[rng.integers(len(SPEEDS))]))
-
-
-def vocabulary() -> list[str]:
-    """Every word (and punctuation token) the grammar produces, for a word-level tokenizer."""
-    return ["a", *COLOURS, *SHAPES, "moving", *DIRECTIONS, "and", ",", *SPEEDS]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Renderer
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class WorldConfig:
-    """Geometry and timing of the toy world. Positions, sizes and speeds are whole pixels, so a clip of
-    a given prompt is the same picture translated, whatever the seed: the sharpness reference is exact."""
-
-    frames: int = 9  # 1 + 4k, like Wan clips, so the Wan VAE accepts toy clips too
-    height: int = 32
-    width: int = 32
-    object_size: int = 10  # side of the object's bounding box, pixels
-    size_jitter: int = 0  # size drawn uniformly from object_size +- size_jitter (changes edge energy)
-    slow_speed: int = 1  # pixels per frame
-    fast_speed: int = 2
-    background: tuple[float, float, float] = (0.1, 0.1, 0.1)
-    max_objects: int = 2
-    min_gap: int = 2  # pixels kept between two objects' boxes in every frame, so they never touch
-    margin: int = 1  # pixels kept between a box and the frame border, so every edge is in the picture
-    supersample: int = 4  # anti-aliasing: render at 4x then box-downsample
-    # A fading motion trail behind each object, `trail_frames` frames of travel long, starting at
-    # `trail_alpha` and fading linearly. It makes the direction visible in a single frame (as motion
-    # blur does in real video): without it a position-blind DiT (Wan has no absolute position signal)
-    # must decide the direction from text alone by coordinating whole frames, which the toy teacher
-    # failed to learn (bench/RESULTS.md). The trail stays below FOREGROUND_ALPHA, so the grader never
-    # counts it as part of the object. 0 disables it.
-    trail_frames: int = 4
-    trail_alpha: float = 0.45
-    # A grey frame `border` pixels wide around every frame, brightening from `border_first` at the first
-    # frame to `border_last` at the last: a clock and a ruler. Wan's attention only sees relative
-    # positions (RoPE), so without it a DiT cannot tell where a frame's edge is or which frame comes
-    # first, and "moving left" (which fixes where the object is in each frame) cannot be tied to the
-    # text (bench/RESULTS.md). The grader looks only inside the border. 0 (the default) disables it;
-    # the toy teacher's config turns it on.
-    border: int = 0
-    border_first: float = 0.3
-    border_last: float = 0.6
-    # Objects enter from the edge they move away from ("moving right" starts at the left margin), so a
-    # prompt fixes where its object is in every frame along the motion (only the other axis is random).
-    start_at_edge: bool = False
-
-    def __post_init__(self) -> None:
-        travel = self.fast_speed * (self.frames - 1) + self.object_size + self.size_jitter + 2 * (self.margin + self.border)
-        if travel > min(self.height, self.width):
-            raise ValueError(
-                f"a fast object needs {travel} px to stay in frame but the frame is {self.height}x{self.width}: "
-                "lower frames, fast_speed or object_size"
-            )
-        if not 0 < self.slow_speed < self.fast_speed:
-            raise ValueError(f"need 0 < slow_speed < fast_speed, got {self.slow_speed}, {self.fast_speed}")
-        if not 1 <= self.max_objects <= 2:
-            raise ValueError(f"max_objects must be 1 or 2, got {self.max_objects}")
-        if self.trail_frames < 0 or not 0.0 <= self.trail_alpha < FOREGROUND_ALPHA:
-            raise ValueError(
-                f"need trail_frames >= 0 and 0 <= trail_alpha < {FOREGROUND_ALPHA} (the grader's foreground "
-                f"threshold), got {self.trail_frames}, {self.trail_alpha}"
-            )
-
-    def speed_pixels(self, speed: str) -> int:
-        return {"slow": self.slow_speed, "fast": self.fast_speed}[speed]
-
-
-@functools.lru_cache(maxsize=64)
-def _sprite(shape: str, size: int, supersample: int) -> np.ndarray:
-    """Fraction of each pixel of a size x size box covered by the shape: (size, size), read-only.
-
-    Sample centres never fall exactly on a shape's boundary, so the coverage is exact for the grid.
-    """
-    centres = (np.arange(size * supersample) + 0.5) / supersample
-    v, u = centres[:, None], centres[None, :]
-    if shape == "square":
-        hit = np.ones((len(centres), len(centres)), bool)
-    elif shape == "circle":
-        hit = (u - size / 2) ** 2 + (v - size / 2) ** 2 <= (size / 2) ** 2
-    else:  # triangle: apex at the top centre, base along the bottom edge
-        hit = np.abs(u - size / 2) <= v / 2
-    sprite = hit.reshape(size, supersample, size, supersample).mean(axis=(1, 3)).astype(np.float32)
-    sprite.setflags(write=False)
-    return sprite
-
-
-def _starts(direction: str, step: int, size: int, config: WorldConfig) -> np.ndarray:
-    """Every start (top, left) keeping the box `margin` pixels inside the border in every frame: (N, 2)."""
-    drow, dcol = (d * step * (config.frames - 1) for d in _DIRECTION_STEP[direction])
-    m = config.margin + config.border
-    tops = np.arange(m + max(0, -drow), config.height - m - size - max(0, drow) + 1)
-    lefts = np.arange(m + max(0, -dcol), config.width - m - size - max(0, dcol) + 1)
-    if config.start_at_edge:  # the start along the motion is the one nearest the trailing edge
-        tops = tops[-1:] if drow < 0 else tops[:1] if drow > 0 else tops
-        lefts = lefts[-1:] if dcol < 0 else lefts[:1] if dcol > 0 else lefts
-    return np.stack(np.meshgrid(tops, lefts, indexing="ij"), -1).reshape(-1, 2)
-
-
-def _apart(a: np.ndarray, size_a: int, b: np.ndarray, size_b: int, gap: int) -> np.ndarray:
-    """Whether boxes at (top, left) a (Na, 2) and b (Nb, 2) keep `gap` pixels apart: (Na, Nb)."""
-    a, b = a[:, None, :], b[None, :, :]
-    return ((a + size_a + gap <= b) | (b + size_b + gap <= a)).any(-1)
-
-
-@functools.lru_cache(maxsize=256)
-def _valid_pairs(dir_a: str, dir_b: str, step: int, size_a: int, size_b: int, config_key: tuple) -> np.ndarray:
-    """Index pairs (i, j) into the two objects' `_starts` that stay apart in every frame (cached: the
-    enumeration is the slow part of rendering a two-object clip)."""
-    config = WorldConfig(*config_key)
-    a, b = _starts(dir_a, step, size_a, config), _starts(dir_b, step, size_b, config)
-    move_a, move_b = (np.array(_DIRECTION_STEP[d]) * step for d in (dir_a, dir_b))
-    ok = np.ones((len(a), len(b)), bool)
-    for f in range(config.frames):
-        ok &= _apart(a + f * move_a, size_a, b + f * move_b, size_b, config.min_gap)
-    pairs = np.argwhere(ok)
-    pairs.setflags(write=False)
-    return pairs
-
-
-def _place(scene: Scene, rng: np.random.Generator, config: WorldConfig) -> list[tuple[int, int, int]]:
-    """(top, left, size) per object at frame 0, uniform over all placements that keep every object in
-    the frame and two objects apart in every frame. Enumerated rather than rejection-sampled because
-    some scenes (two fast objects crossing paths) have only a few dozen valid placements."""
-    step = config.speed_pixels(scene.speed)
-    jitter = config.size_jitter
-    sizes = [config.object_size + int(rng.integers(-jitter, jitter + 1)) for _ in scene.objects]
-    starts = [_starts(o.direction, step, size, config) for o, size in zip(scene.objects, sizes)]
-    if len(scene.objects) == 1:
-        top, left = starts[0][rng.integers(len(starts[0]))]
-        return [(int(top), int(left), sizes[0])]
-    (a, b), (oa, ob) = starts, scene.objects
-    pairs = _valid_pairs(oa.direction, ob.direction, step, sizes[0], sizes[1], dataclasses.astuple(config))
-    if len(pairs) == 0:
-        raise ValueError(f"cannot place {format_prompt(scene)!r} without overlap: lower object_size or min_gap")
-    i, j = pairs[rng.integers(len(pairs))]
-    return [(int(a[i, 0]), int(a[i, 1]), sizes[0]), (int(b[j, 0]), int(b[j, 1]), sizes[1])]
-
-
-def _moved(box: tuple[int, int, int], direction: str, distance: int) -> tuple[int, int, int]:
-    drow, dcol = _DIRECTION_STEP[direction]
-    return box[0] + drow * distance, box[1] + dcol * distance, box[2]
-
-
-def _seed_for(scene: Scene, seed: int) -> np.random.Generator:
-    # Mixing in a stable hash of the prompt means seed 0 of two prompts does not share positions.
-    return np.random.default_rng([seed, zlib.crc32(format_prompt(scene).encode())])
-
-
-def render(prompt_or_scene: str | Scene, seed: int, config: WorldConfig | None = None) -> np.ndarray:
-    """Render a clip (frames, H, W, 3) float32 in [0, 1]; deterministic per (prompt, seed)."""
-    config = config or WorldConfig()
-    scene = _scene(prompt_or_scene)
-    if len(scene.objects) > config.max_objects:
-        raise ValueError(f"prompt has {len(scene.objects)} objects but config.max_objects={config.max_objects}")
-    boxes = _place(scene, _seed_for(scene, seed), config)
-    step = config.speed_pixels(scene.speed)
-    clip = np.empty((config.frames, config.height, config.width, 3), np.float32)
-    clip[:] = np.asarray(config.background, np.float32)
-    # Trails first, so an object is never painted over by another's trail.
-    for layer in ("trail", "object"):
-        for box, obj in zip(boxes, scene.objects):
-            sprite = _sprite(obj.shape, box[2], config.supersample)
-            colour = np.asarray(PALETTE[obj.colour], np.float32)
-            for f in range(config.frames):
-                top, left, size = _moved(box, obj.direction, step * f)
-                if layer == "object":
-                    alpha = np.zeros(clip.shape[1:3], np.float32)
-                    alpha[top : top + size, left : left + size] = sprite
-                else:
-                    alpha = _trail(sprite, (top, left), obj.direction, step * config.trail_frames, config)
-                clip[f] = clip[f] * (1 - alpha[..., None]) + colour * alpha[..., None]
-    b = config.border
-    if b:
-        for f in range(config.frames):
-            grey = config.border_first + (config.border_last - config.border_first) * f / max(1, config.frames - 1)
-            for edge in (clip[f, :b], clip[f, -b:], clip[f, :, :b], clip[f, :, -b:]):
-                edge[:] = grey
-    return clip
-
-
-def interior(clip: np.ndarray, config: WorldConfig) -> np.ndarray:
-    """The part of a clip (frames, H, W, 3) inside the border: all the grader looks at."""
-    b = config.border
-    return clip[:, b : clip.shape[1] - b, b : clip.shape[2] - b] if b else clip
-
-
-def _trail(sprite: np.ndarray, top_left: tuple[int, int], direction: str, length: int, config: WorldConfig) -> np.ndarray:
-    """Coverage (H, W) of the trail behind a sprite at `top_left`: copies shifted back 1..length px, the
-    copy d px back at trail_alpha (1 - d / (length + 1)), combined by maximum (not stacked, so the
-    trail never reaches the grader's foreground threshold); cut off at the frame border."""
-    height, width = config.height, config.width
-    size = sprite.shape[0]
-    drow, dcol = _DIRECTION_STEP[direction]
-    # Pad by the trail length so shifted copies may run off the frame, then crop.
-    pad = length
-    canvas = np.zeros((height + 2 * pad, width + 2 * pad), np.float32)
-    for d in range(1, length + 1):
-        top, left = top_left[0] + pad - drow * d, top_left[1] + pad - dcol * d
-        region = canvas[top : top + size, left : left + size]
-        np.maximum(region, config.trail_alpha * (1 - d / (length + 1)) * sprite, out=region)
-    return canvas[pad : pad + height, pad : pad + width]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Grader: pixels -> per-object colour, shape, motion
-# ----------------------------------------------------------------------------------------------------
-
-FOREGROUND_ALPHA = 0.5  # a pixel is foreground when it is at least half-way from background to a colour
 MAX_RESIDUAL = 0.2  # ... and lies within this RGB distance of that colour's blend line
 MIN_AREA_FRACTION = 0.2  # an object needs a core of at least this fraction of object_size**2 pixels
 MIN_PRESENCE = 0.5  # ... in at least this fraction of frames
@@ -647,7 +310,7 @@ _REFERENCE_ENERGY: dict[tuple, float] = {}
 def reference_energy(prompt_or_scene: str | Scene, config: WorldConfig | None = None) -> float:
     """Edge energy of ground truth for a prompt: the mean over a few seeds' renders (cached)."""
     config = config or WorldConfig()
-    prompt = format_prompt(_scene(prompt_or_scene))
+    prompt = format_prompt(as_scene(prompt_or_scene))
     key = (prompt, dataclasses.astuple(config))
     if key not in _REFERENCE_ENERGY:
         energies = [edge_energy(render(prompt, seed, config), config) for seed in range(SHARPNESS_REFERENCE_SEEDS)]
@@ -660,7 +323,7 @@ def grade_clip(clip: np.ndarray, prompt: str | Scene, config: WorldConfig | None
     config = config or WorldConfig()
     if np.shape(clip)[1:] != (config.height, config.width, 3):
         raise ValueError(f"clip shape {np.shape(clip)} is not (frames, {config.height}, {config.width}, 3)")
-    scene = _scene(prompt)
+    scene = as_scene(prompt)
     found = detect_objects(clip, config)
     matched = _match(scene, found)
     ok = {
