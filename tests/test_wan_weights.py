@@ -112,3 +112,24 @@ def test_float32_load_does_not_warn_about_float32_modules(tmp_path, caplog):
     finally:
         library_logger.removeHandler(caplog.handler)
     assert not [r for r in caplog.records if "kept in float32" in r.getMessage()]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_random_init_teacher_casts_like_a_loaded_one_without_warning(dtype, tmp_path, caplog):
+    """The random-init teacher (no teacher_path) gets the mixed precision of a bf16 load (fp32-kept
+    modules stay fp32) and no float32-modules warning, as `load_wan` does."""
+    from pipeline.config import ModelConfig
+    from pipeline.models.loading import load_teacher
+
+    library_logger = logging.getLogger("diffusers")
+    library_logger.addHandler(caplog.handler)
+    try:
+        teacher = load_teacher(ModelConfig(teacher_arch="tiny", dtype=dtype))
+    finally:
+        library_logger.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if "float32" in r.getMessage()]
+    torch_dtype = getattr(torch, dtype)
+    teacher.save_pretrained(tmp_path / "transformer")  # what from_pretrained makes of the same weights
+    assert _dtypes(teacher) == _dtypes(load_wan(str(tmp_path / "transformer"), dtype=torch_dtype))
+    assert _dtypes(teacher)["scale_shift_table"] == torch.float32
+    assert _dtypes(teacher)["blocks.0.attn1.to_q.weight"] == torch_dtype

@@ -13,7 +13,7 @@ from pipeline.config import Config, ModelConfig
 from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.discriminator import Critic, build_gan_heads
 from pipeline.models.text import TextEncoder
-from pipeline.models.wan_weights import WAN_CONFIGS, load_wan
+from pipeline.models.wan_weights import WAN_CONFIGS, _cast_like_from_pretrained, load_wan
 
 RANDOM_INIT_SEED = 0
 
@@ -30,7 +30,8 @@ def load_teacher(cfg: ModelConfig, device: str | torch.device = "cpu") -> Causal
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            model = CausalWanModel(**WAN_CONFIGS[cfg.teacher_arch]).to(dtype)
+            # Cast as a loaded teacher is: `.to(dtype)` would cast the fp32-kept modules and warn.
+            model = _cast_like_from_pretrained(CausalWanModel(**WAN_CONFIGS[cfg.teacher_arch]), dtype)
     return model.to(device).eval().requires_grad_(False)
 
 
