@@ -15,7 +15,6 @@ schedule, context noise) and `model` (frames_per_block, latent size).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import tempfile
@@ -30,11 +29,11 @@ from tqdm import tqdm
 
 from actors.generator import GeneratorStage
 from jobs.cli import run_main
-from jobs.preprocess import SHOWN_BAD_LINES, parse_prompt_files, ray_resources
 from pipeline import data
 from pipeline.checkpoint import export_settings
 from pipeline.config import Config, load_config
 from pipeline.failures import Interrupted, interrupt_signal
+from pipeline.planning import SHOWN_BAD_LINES, ClipPlan, parse_prompt_files, plan_clips, ray_resources
 from pipeline.storage import check_exists, check_writable, naming
 from pipeline.tracking import open_tracker
 
@@ -69,36 +68,6 @@ def write_manifest(out: str, rows: list[dict[str, Any]]) -> None:
         fs.mv(f"{root}/.tmp-{name}", f"{root}/{name}")
 
 
-@dataclasses.dataclass
-class Plan:
-    pending: list[dict[str, Any]]  # id, sample, prompt, seed, source, line
-    kept: list[dict[str, Any]]  # manifest rows of finished clips
-    lines: int
-    bad: list[data.BadLine]
-    duplicates: int
-
-
-def plan_clips(parsed: list[dict[str, Any]], cfg: Config, manifest: list[dict[str, Any]], existing: set[str]) -> Plan:
-    good, bad = data.split_rows(parsed)
-    finished = {(r["id"], r["sample"]): r for r in manifest if r.get("path") in existing}
-    seen: set[tuple[str, int]] = set()
-    pending, kept, duplicates = [], [], 0
-    for r in good:
-        base = cfg.generate.seed if r["seed"] < 0 else r["seed"]
-        row_id = data.prompt_id(r["prompt"], base)
-        for sample in range(r["samples"] or cfg.generate.samples):
-            key = (row_id, sample)
-            if key in seen:
-                duplicates += 1
-                continue
-            seen.add(key)
-            if key in finished:
-                kept.append(finished[key])
-                continue
-            pending.append({"id": row_id, "sample": sample, "prompt": r["prompt"], "seed": base + sample, "source": r["source"], "line": r["line"]})
-    return Plan(pending, kept, len(parsed), bad, duplicates)
-
-
 def existing_files(out: str) -> set[str]:
     fs, root = fsspec.core.url_to_fs(out)
     fs.invalidate_cache(root)
@@ -107,7 +76,7 @@ def existing_files(out: str) -> set[str]:
     return {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if p.endswith(".mp4")}
 
 
-def summary_lines(plan: Plan, new: list[dict[str, Any]], seconds: float) -> list[str]:
+def summary_lines(plan: ClipPlan, new: list[dict[str, Any]], seconds: float) -> list[str]:
     lines = [
         f"prompt lines read: {plan.lines}",
         f"skipped bad lines: {len(plan.bad)}",
@@ -134,14 +103,14 @@ def preflight(checkpoint: str, prompts: str, out: str) -> list[str]:
     return files
 
 
-def run(cfg: Config, checkpoint: str, prompts: str, out: str) -> tuple[Plan, list[dict[str, Any]]]:
+def run(cfg: Config, checkpoint: str, prompts: str, out: str) -> tuple[ClipPlan, list[dict[str, Any]]]:
     """The whole job on an initialised Ray: returns the plan and the manifest rows of new clips. The
     manifest is rewritten after every finished batch and when the run stops early (Ctrl-C, SIGTERM, an
     error), so a rerun regenerates only the clips that were not finished."""
     files = preflight(checkpoint, prompts, out)
     parsed = parse_prompt_files(files, cfg.generate.max_prompt_chars, "generate.max_prompt_chars")
     with naming(out, "--out"):
-        plan = plan_clips(parsed, cfg, read_manifest(out), existing_files(out))
+        plan = plan_clips(parsed, cfg.generate, read_manifest(out), existing_files(out))
     if not plan.pending and not plan.kept:
         shown = "; ".join(str(b) for b in plan.bad[:3])
         raise ValueError(f"{prompts}: no usable prompt ({plan.lines} lines read, {len(plan.bad)} bad" + (f": {shown})" if shown else ")"))

@@ -32,70 +32,10 @@ from pipeline.config import Config
 from pipeline.failures import about
 from pipeline.flow import sampling_timesteps, schedule_through
 from pipeline.models.loading import load_text_encoder, teacher_config, teacher_id
+from pipeline.planning import SHOWN_BAD_LINES, RowPlan, merge, parse_prompt_files, plan_rows, ray_resources
 from pipeline.rollout import training_steps
 from pipeline.storage import check_exists, check_writable, naming
 from pipeline.tracking import open_tracker
-
-SHOWN_BAD_LINES = 20
-
-
-def ray_resources(resources: dict[str, float]) -> dict[str, Any]:
-    """A config resource dict ({"CPU": 1, "GPU": 1, "custom": 1}) as Ray's num_cpus/num_gpus/resources."""
-    rest = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
-    return {"num_cpus": resources.get("CPU", 0), "num_gpus": resources.get("GPU", 0), **({"resources": rest} if rest else {})}
-
-
-def parse_prompt_files(files: list[str], max_chars: int, max_chars_key: str = "data.max_prompt_chars") -> list[dict[str, Any]]:
-    """Every line of every file (`data.prompt_file_rows`), one Ray task per file. `max_chars_key` is
-    the setting an over-long line's reason names."""
-    items = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-    return items.flat_map(lambda row: data.prompt_file_rows(row["path"], max_chars, max_chars_key), num_cpus=0.5).take_all()
-
-
-@dataclasses.dataclass
-class Plan:
-    """What this run will do, decided on the driver from the parsed prompt lines."""
-
-    pending: list[dict[str, Any]]  # rows to compute: id, prompt, seed, kind, source, line (+ video)
-    lines: int
-    bad: list[data.BadLine]
-    duplicates: int
-    already_written: int
-
-
-def plan_rows(parsed: list[dict[str, Any]], default_seed: int, written: set[str], kind: str = "teacher") -> Plan:
-    """Give every (prompt, seed) its id (teacher rows: samples expand into seeds) or every captioned
-    video its id (real rows), keep the first of duplicates, skip ids already written. Lines keep file
-    order, so the plan is the same on every run."""
-    good, bad = data.split_rows(parsed)
-    seen: set[str] = set()
-    pending, duplicates, already = [], 0, 0
-    for r in good:
-        if kind == "real" and not r["video"]:
-            bad.append(data.BadLine(r["source"], r["line"], "no 'video' field"))
-            continue
-        first = default_seed if r["seed"] < 0 else r["seed"]
-        seeds = [first] if kind == "real" else range(first, first + max(1, r["samples"]))
-        for seed in seeds:
-            row_id = data.video_id(r["prompt"], r["video"]) if kind == "real" else data.prompt_id(r["prompt"], seed)
-            if row_id in seen:
-                duplicates += 1
-                continue
-            seen.add(row_id)
-            if row_id in written:
-                already += 1
-                continue
-            row = {"id": row_id, "prompt": r["prompt"], "seed": seed, "kind": kind, "source": r["source"], "line": r["line"]}
-            pending.append({**row, "video": r["video"]} if kind == "real" else row)
-    return Plan(pending, len(parsed), bad, duplicates, already)
-
-
-def merge(plans: list[Plan]) -> Plan:
-    return Plan(
-        [r for p in plans for r in p.pending], sum(p.lines for p in plans), [b for p in plans for b in p.bad],
-        sum(p.duplicates for p in plans), sum(p.already_written for p in plans),
-    )
-
 
 def teacher_schedule(cfg: Config) -> tuple[list[float], list[float]]:
     """(the teacher's ODE timesteps, the trajectory points kept), the latter warped like the student's
@@ -152,7 +92,7 @@ def preflight(cfg: Config) -> None:
     check_writable(cfg.data.output, "data.output")
 
 
-def summary_lines(plan: Plan, written: int, seconds: float) -> list[str]:
+def summary_lines(plan: RowPlan, written: int, seconds: float) -> list[str]:
     reasons = Counter(b.reason.split(" (")[0] for b in plan.bad)
     lines = [
         f"prompt lines read: {plan.lines}",
@@ -166,7 +106,7 @@ def summary_lines(plan: Plan, written: int, seconds: float) -> list[str]:
     return lines
 
 
-def run(cfg: Config) -> tuple[Plan, int]:
+def run(cfg: Config) -> tuple[RowPlan, int]:
     """The whole job on an initialised Ray; returns the plan (with videos that failed added to its bad
     lines) and the number of rows written."""
     preflight(cfg)

@@ -136,3 +136,33 @@ def test_ctrl_c_keeps_every_finished_clip_and_marks_the_run_killed(ray_local, ra
 
     plan, new = generate.run(_cfg(), checkpoint, str(prompts), str(out))
     assert len(plan.kept) == len(kept) and len(new) == count - len(kept)
+
+
+def test_clip_plans_give_ids_seeds_and_skip_duplicates_and_finished_clips(tmp_path):
+    """plan_clips without Ray: a line's own seed and samples win over the config's, a repeated prompt
+    is counted once, and a manifest row is kept only while its file exists."""
+    from pipeline import data
+    from pipeline.config import GenerateConfig
+    from pipeline.planning import plan_clips
+
+    (tmp_path / "p.jsonl").write_text(
+        '{"prompt": "a red square moving left, fast"}\n{"prompt": "a red square moving left, fast"}\n'
+        '{"prompt": "a blue circle moving up, slow", "seed": 7, "samples": 2}\n{"seed": 1}\n'
+    )
+    parsed = data.prompt_file_rows(str(tmp_path / "p.jsonl"), 100)
+    red, blue = data.prompt_id("a red square moving left, fast", 3), data.prompt_id("a blue circle moving up, slow", 7)
+    manifest = [{"id": blue, "sample": 0, "path": f"{blue}_0.mp4"}, {"id": red, "sample": 0, "path": f"{red}_0.mp4"}]
+    plan = plan_clips(parsed, GenerateConfig(seed=3), manifest, existing={f"{blue}_0.mp4"})
+    assert [(r["id"], r["sample"], r["seed"]) for r in plan.pending] == [(red, 0, 3), (blue, 1, 8)]
+    assert plan.kept == [manifest[0]] and plan.duplicates == 1 and plan.lines == 4 and len(plan.bad) == 1
+
+
+def test_jobs_import_only_pipeline_and_actors():
+    """What two jobs share lives in pipeline/: a job imports no other job (jobs.cli, the entry helper, aside)."""
+    import ast
+
+    for job in Path(REPO, "jobs").glob("*.py"):
+        tree = ast.parse(job.read_text())
+        modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert [m for m in modules if m.split(".")[0] == "jobs" and m != "jobs.cli"] == [], job.name
