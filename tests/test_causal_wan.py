@@ -1,5 +1,6 @@
 """CausalWanModel against independent references: diffusers' own Wan model, and recompute without cache."""
 
+import copy
 import threading
 
 import pytest
@@ -132,6 +133,20 @@ def test_last_block_sees_the_sink_and_the_recent_frames_only():
         changed = x.clone()
         changed[:, :, frame] += 1.0
         assert ((last(changed) - base).abs().max() > 1e-3) == seen, frame
+
+
+@torch.no_grad()
+def test_a_cached_block_sees_all_of_itself_wherever_it_starts():
+    """Blocks of a cached call start at the cache's frame count, aligned or not: after one written frame
+    a two-frame block is one block, its first frame seeing its second."""
+    model = tiny_wan()
+    x, t, text = inputs(frames=3)
+    cache = model.new_kv_cache()
+    model(x[:, :, :1], t, text, kv_cache=cache, update_cache=True)
+    changed = x.clone()
+    changed[:, :, 2] += 1.0
+    a, b = (model(clip[:, :, 1:], t, text, kv_cache=copy.copy(cache)).sample for clip in (x, changed))
+    assert (a[:, :, 0] - b[:, :, 0]).abs().max() > 1e-3
 
 
 @torch.no_grad()

@@ -108,10 +108,12 @@ def _visible_frames(
 ) -> torch.Tensor:
     """(Fq, Fk) bool: may a query at absolute frame i attend to a key at absolute frame j?
 
-    Blocks are `block_size` frames from frame 0. A query sees its own block and the blocks before it; with
-    a window, of the frames before its block only the first `sink` of the clip and the most recent
-    `window - sink`: exactly what a cache holds when the query's block is generated."""
-    start = (query_frames // block_size * block_size)[:, None]
+    The queries are consecutive frames split into blocks of `block_size` from the first of them. A query
+    sees its own block and everything before it; with a window, of the frames before its block only the
+    first `sink` of the clip and the most recent `window - sink`: exactly what a cache holds when the
+    query's block is generated."""
+    first = query_frames[:1]
+    start = (first + (query_frames - first) // block_size * block_size)[:, None]
     keys = key_frames[None, :]
     visible = keys < start + block_size
     if window is not None:
