@@ -126,7 +126,7 @@ def iter_blocks(
                 x_t = add_noise(x0, fresh, steps[i + 1])
         yield x0
         if block + 1 < num_blocks:
-            context = _context(x0.detach(), context_t, generator)  # its noise is drawn here either way
+            context = _context(x0.detach(), context_noise, context_t, generator)  # its noise is drawn here either way
             if fused:
                 pending = context
             else:
@@ -143,9 +143,9 @@ def fresh_noise(like: torch.Tensor, generator: torch.Generator | Sequence[torch.
     return torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in generator]).to(like.device)
 
 
-def _context(x0: torch.Tensor, context_t: torch.Tensor, generator) -> torch.Tensor:
-    """The clean block as the cache sees it: re-noised to t = `context_noise` when that is > 0."""
-    if not context_t.any():
+def _context(x0: torch.Tensor, context_noise: float, context_t: torch.Tensor, generator) -> torch.Tensor:
+    """The clean block as the cache sees it: re-noised to t = `context_noise` (as `context_t`) when > 0."""
+    if context_noise <= 0:  # decided on the float: no device sync
         return x0
     return add_noise(x0, fresh_noise(x0, generator), context_t)
 
