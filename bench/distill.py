@@ -46,7 +46,7 @@ def write_dataset(out: str, rows: int) -> None:
 def bench_config(dataset: str, storage: str, name: str, args: argparse.Namespace) -> Config:
     return load_config("configs/toy_distill.yaml", [
         f"name={name}", f"data.output={dataset}", f"train.storage_path={storage}", "tracking.tracking_uri=none",
-        "model.teacher_path=", "model.student_path=", "model.text_encoder_path=", "model.codec=patch:4",
+        "model.teacher_path=''", "model.student_path=''", "model.text_encoder_path=''", "model.codec=patch:4",
         f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}", f"train.batch_size={args.batch}",
         "ray.resources_per_worker={CPU: 0.5}", "ray.teacher_resources={CPU: 0.5}",
     ])
@@ -56,8 +56,9 @@ def steps_per_second(times: list[float], warmup: int) -> float:
     return (len(times) - warmup) / (times[-1] - times[warmup - 1])
 
 
-def plain_round(cfg: Config, warmup: int, queue) -> None:
+def plain_round(cfg: Config, warmup: int, threads: int, queue) -> None:
     """In a child process, so its peak RSS is its own."""
+    torch.set_num_threads(threads)
     ctx = distill.plain_context(cfg, data.read_negative_prompt(cfg.data.output))
     batches = distill.epoch_batches(data.read_dataset(cfg.data.output), cfg.train.batch_size)
     times = []
@@ -68,7 +69,7 @@ def plain_round(cfg: Config, warmup: int, queue) -> None:
     queue.put((steps_per_second(times, warmup), trainer.peak_rss_mb()))
 
 
-def ray_round(cfg: Config, warmup: int) -> tuple[float, float]:
+def ray_round(cfg: Config, warmup: int) -> tuple[float, float, float]:
     from actors.teacher import TeacherPool
 
     pool = TeacherPool.start(cfg, data.read_negative_prompt(cfg.data.output))
@@ -81,7 +82,8 @@ def ray_round(cfg: Config, warmup: int) -> tuple[float, float]:
         import json
 
         history = json.loads((Path(directory) / trainer.STATE_FILE).read_text())["history"]
-    return steps_per_second([h["time"] for h in history], warmup), history[-1]["peak_rss_mb"] + teacher_rss
+    worker_rss = history[-1]["peak_rss_mb"]
+    return steps_per_second([h["time"] for h in history], warmup), worker_rss + teacher_rss, teacher_rss
 
 
 def main() -> None:
@@ -90,6 +92,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the plain loop (the Train worker and the "
+                        "teacher actor get Ray's one each)")
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
@@ -98,16 +102,18 @@ def main() -> None:
         for round_ in range(args.rounds):
             cfg = bench_config(f"{tmp}/data", f"{tmp}/runs", f"round{round_}", args)
             queue = mp.get_context("spawn").Queue()
-            child = mp.get_context("spawn").Process(target=plain_round, args=(cfg, args.warmup, queue))
+            child = mp.get_context("spawn").Process(target=plain_round, args=(cfg, args.warmup, args.threads, queue))
             child.start()
             plain.append(queue.get())
             child.join()
             distributed.append(ray_round(cfg, args.warmup))
             print(f"round {round_}: plain {plain[-1][0]:.2f} steps/s, {plain[-1][1]:.0f} MB; "
-                  f"Ray Train + DeepSpeed + teacher actor {distributed[-1][0]:.2f} steps/s, {distributed[-1][1]:.0f} MB")
+                  f"Ray Train + DeepSpeed + teacher actor {distributed[-1][0]:.2f} steps/s, {distributed[-1][1]:.0f} MB "
+                  f"(of which the teacher actor {distributed[-1][2]:.0f} MB)")
     speed = statistics.median(d[0] for d in distributed) / statistics.median(p[0] for p in plain)
     memory = statistics.median(d[1] for d in distributed) / statistics.median(p[1] for p in plain)
-    print(f"toy arch, batch {args.batch}, {args.steps} steps ({args.warmup} warm-up), median of {args.rounds} rounds")
+    print(f"toy arch, batch {args.batch}, {args.steps} steps ({args.warmup} warm-up), plain loop on {args.threads} "
+          f"torch thread(s), median of {args.rounds} rounds")
     print(f"steps/s distributed / plain: {speed:.2f}x (target >= 0.8)")
     print(f"peak RSS distributed (worker + teacher actor) / plain: {memory:.2f}x (target <= 1.5)")
 
