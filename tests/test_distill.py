@@ -185,26 +185,27 @@ def test_non_finite_generator_loss_skips_the_update_and_leaves_weights(tiny_data
     assert metrics["critic_skipped"] == 0.0  # the critic's own losses were finite: it still steps
 
 
-def _all_finite_on_two_ranks(rank: int, port: int, results) -> None:
+def _all_finite_on_two_ranks(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         finite = torch.tensor(1.0)
-        results[rank] = (distill.all_finite(finite), distill.all_finite(finite if rank == 0 else finite * float("inf")))
+        decisions = [distill.all_finite(finite), distill.all_finite(finite if rank == 0 else finite * float("inf"))]
+        Path(out, f"rank{rank}.json").write_text(json.dumps(decisions))
     finally:
         dist.destroy_process_group()
 
 
-def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank():
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Two real gloo ranks. Started with spawn and reporting through files: a fork of this process
+    (multiprocessing's Manager) would inherit the Ray driver's threads and break its later calls."""
     import torch.multiprocessing as mp
 
     from tests.conftest import _free_port
 
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_all_finite_on_two_ranks, args=(_free_port(), results), nprocs=2)
-        assert dict(results) == {0: (True, False), 1: (True, False)}
+    mp.spawn(_all_finite_on_two_ranks, args=(_free_port(), str(tmp_path)), nprocs=2)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[True, False], [True, False]]
 
 
 def test_killed_teacher_actor_is_restarted_and_the_run_finishes_unchanged(one_worker_run, ray_cluster, tmp_path):
