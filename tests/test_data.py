@@ -124,10 +124,13 @@ def test_readers_name_the_file_column_and_row(tmp_path):
         data.read_shard(path, info)
 
 
-def test_a_resumed_run_with_another_config_is_refused(tmp_path):
+def test_a_resumed_run_with_another_config_is_refused_once_it_has_shards(tmp_path):
     out = str(tmp_path / "ds")
-    data.write_info(out, _info())
-    data.write_info(out, _info())  # same config: fine
-    with pytest.raises(ValueError, match="written with another config"):
-        data.write_info(out, data.DatasetInfo(**{**_info().__dict__, "config_hash": "other"}))
+    other = data.DatasetInfo(**{**_info().__dict__, "config_hash": "other"})
+    assert data.write_info(out, other)  # nothing written yet: a new config takes over (a failed run's rerun)
+    assert data.write_info(out, _info())
+    assert not data.write_info(out, _info())  # same config: fine, nothing rewritten
+    data.write_shard(out, _info(), _rows(2, _info()))
+    with pytest.raises(ValueError, match="written with another config.*rm -r"):
+        data.write_info(out, other)
     assert json.loads((tmp_path / "ds" / "_dataset.json").read_text())["config_hash"] == "c0ffee"
