@@ -70,7 +70,7 @@ def main(cfg: Config, args: argparse.Namespace) -> None:
     state = TrainState()
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
         opt.load_state_dict(saved["optimizer"])
