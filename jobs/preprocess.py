@@ -64,17 +64,6 @@ def _encode_negative(model: dict[str, Any], prompt: str) -> tuple[Any, str]:
     return data.pack(embedding), str(embedding.dtype).removeprefix("torch.")
 
 
-class NamedTeacherStage(TeacherSamplerStage):
-    """The teacher stage, whose load errors name `model.teacher_path` (diffusers' do not)."""
-
-    def __init__(self, model: dict[str, Any], **kwargs: Any) -> None:
-        if not model["teacher_path"]:
-            super().__init__(model, **kwargs)
-            return
-        with about("model.teacher_path", model["teacher_path"]):
-            super().__init__(model, **kwargs)
-
-
 def preflight(cfg: Config) -> None:
     """What the driver can check in a second, before Ray and the MLflow run start (each of these used to
     surface from a Ray worker after half a minute of start-up): settings, inputs, the output."""
@@ -149,7 +138,7 @@ def run(cfg: Config) -> tuple[RowPlan, int]:
     teacher_rows = [r for p in plans for r in p.pending if r["kind"] == "teacher"]
     if teacher_rows:
         stages.append((len(teacher_rows), encoded(teacher_rows).map_batches(
-            NamedTeacherStage,
+            TeacherSamplerStage,
             fn_constructor_kwargs={
                 "model": model, "latent_shape": latent_shape, "timesteps": timesteps, "keep_at": keep,
                 "guidance": cfg.data.teacher_guidance, "negative_embedding": packed, "text_dtype": text_dtype,

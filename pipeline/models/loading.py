@@ -10,6 +10,7 @@ import fsspec
 import torch
 
 from pipeline.config import Config, ModelConfig
+from pipeline.failures import about
 from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.discriminator import Critic, build_gan_heads
 from pipeline.models.text import TextEncoder
@@ -26,7 +27,8 @@ def load_teacher(cfg: ModelConfig, device: str | torch.device = "cpu") -> Causal
     """The frozen teacher, in eval mode with gradients off."""
     dtype = torch_dtype(cfg.dtype)
     if cfg.teacher_path:
-        model = load_wan(cfg.teacher_path, config=cfg.teacher_arch, dtype=dtype)
+        with about("model.teacher_path", cfg.teacher_path):  # diffusers' load errors do not name the setting
+            model = load_wan(cfg.teacher_path, config=cfg.teacher_arch, dtype=dtype)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
@@ -79,7 +81,8 @@ def load_student(cfg: ModelConfig, device: str | torch.device = "cpu", for_ode_i
     directory or a single file; when that is empty, from the teacher's weights."""
     path = cfg.student_init_path if for_ode_init else cfg.student_path
     if path:
-        model = load_wan(path, config=cfg.student_arch, dtype=torch.float32)
+        with about("model.student_init_path" if for_ode_init else "model.student_path", path):
+            model = load_wan(path, config=cfg.student_arch, dtype=torch.float32)
     else:
         model = _from_teacher(cfg, "student", cfg.student_arch)
     return model.to(device).train().requires_grad_(True)
@@ -89,7 +92,11 @@ def load_critic(cfg: Config, device: str | torch.device = "cpu") -> Critic:
     """The critic: a bidirectional Wan trunk (`critic_path`, or the teacher's weights) and GAN heads
     with seeded random init, in float32."""
     m = cfg.model
-    trunk = load_wan(m.critic_path, config=m.critic_arch, dtype=torch.float32) if m.critic_path else _from_teacher(m, "critic", m.critic_arch)
+    if m.critic_path:
+        with about("model.critic_path", m.critic_path):
+            trunk = load_wan(m.critic_path, config=m.critic_arch, dtype=torch.float32)
+    else:
+        trunk = _from_teacher(m, "critic", m.critic_arch)
     disc = cfg.method.discriminator
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED + 1)
