@@ -32,12 +32,20 @@ class TrainState:
 
     @classmethod
     def capture(cls, step: int) -> TrainState:
-        return cls(step=step, torch_rng=base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode())
+        return cls(step=step, torch_rng=encode_rng(torch.get_rng_state()))
 
     def restore_rng(self) -> None:
         if self.torch_rng:
-            raw = np.frombuffer(base64.b64decode(self.torch_rng), dtype=np.uint8).copy()
-            torch.set_rng_state(torch.from_numpy(raw))
+            torch.set_rng_state(decode_rng(self.torch_rng))
+
+
+def encode_rng(state: torch.Tensor) -> str:
+    """A torch RNG state (a uint8 tensor) as JSON-safe text."""
+    return base64.b64encode(state.cpu().numpy().tobytes()).decode()
+
+
+def decode_rng(text: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -96,7 +104,7 @@ def export_student(
     from pipeline.models.codec import PatchCodec, load_codec
     from pipeline.models.loading import load_text_encoder
 
-    model = CausalWanModel.from_config({k: v for k, v in architecture.items() if not k.startswith("_")})
+    model = CausalWanModel.from_config(architecture)
     model.load_state_dict(load_file(weights_file), strict=True)
 
     def build(folder: Path) -> None:

@@ -35,7 +35,7 @@ def fixed_samples(output: str, count: int) -> dict[str, Any]:
 @torch.no_grad()
 def render(architecture: dict[str, Any], weights: dict[str, torch.Tensor], samples: dict[str, Any], cfg: Config) -> np.ndarray:
     """Clips (N, T, H, W, 3) in [0, 1] of the student with `weights` on the fixed samples."""
-    model = CausalWanModel.from_config({k: v for k, v in architecture.items() if not k.startswith("_")})
+    model = CausalWanModel.from_config(architecture)
     model.load_state_dict(weights)
     model.eval()
     m = cfg.model

@@ -98,10 +98,6 @@ class AttachedTracker:
         pass
 
 
-def attach_tracker(uri: str, run_id: str) -> AttachedTracker:
-    return AttachedTracker(uri, run_id)
-
-
 def tracking_uri(cfg: TrackingConfig, store_dir: str = ".") -> str:
     """`tracking.tracking_uri`, or by default a SQLite file `mlflow.db` in `store_dir` when that is local
     (MLflow 3 writes no plain-file stores), else in the working directory."""

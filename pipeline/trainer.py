@@ -20,7 +20,6 @@ already consumed.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import tempfile
@@ -30,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from pipeline import data
+from pipeline.checkpoint import decode_rng, encode_rng
 from pipeline.config import Config, build
 from pipeline.distill import (
     EMA,
@@ -132,16 +131,14 @@ def gather_ids(ids: list[str]) -> list[list[str]]:
 
 
 def _rng_state() -> dict[str, Any]:
-    encode = lambda t: base64.b64encode(t.cpu().numpy().tobytes()).decode()  # noqa: E731
-    cuda = [encode(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
-    return {"cpu": encode(torch.get_rng_state()), "cuda": cuda}
+    cuda = [encode_rng(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    return {"cpu": encode_rng(torch.get_rng_state()), "cuda": cuda}
 
 
 def _restore_rng(state: dict[str, Any]) -> None:
-    decode = lambda s: torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())  # noqa: E731
-    torch.set_rng_state(decode(state["cpu"]))
+    torch.set_rng_state(decode_rng(state["cpu"]))
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+        torch.cuda.set_rng_state_all([decode_rng(s) for s in state["cuda"]])
 
 
 @dataclass
@@ -272,11 +269,11 @@ def _log_samples(cfg: Config, spec: RunSpec, student: DeepSpeedOptimised, ema: E
 
 
 def _worker_tracker(spec: RunSpec):
-    from pipeline.tracking import NullTracker, attach_tracker
+    from pipeline.tracking import AttachedTracker, NullTracker
 
     if not spec.tracking_uri or not spec.mlflow_run_id:
         return NullTracker()
-    return attach_tracker(spec.tracking_uri, spec.mlflow_run_id)
+    return AttachedTracker(spec.tracking_uri, spec.mlflow_run_id)
 
 
 def _progress(cfg: Config, start: int):
