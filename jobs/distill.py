@@ -5,8 +5,9 @@ score (DMD) and a GAN on the critic's features, on self-forcing rollouts (DESIGN
     ray job submit --working-dir . -- python jobs/distill.py --config configs/wan_1_3b_framewise.yaml
     python jobs/distill.py --config configs/toy_distill.yaml --export    # export the latest checkpoint
 
-The teacher runs on `ray.teacher_actors` actors (0: inside each Train worker), the student and the
-critic in DeepSpeed engines on `ray.num_workers` Ray Train workers. Checkpoints go to
+The teacher runs on `ray.teacher_actors` actors (0: inside each Train worker), the student in a DeepSpeed
+engine on `ray.num_workers` Ray Train workers, the critic in its own engine beside it or, with
+`ray.critic_placement: actors`, on a critic actor group of `ray.critic_actors`. Checkpoints go to
 <train.storage_path>/<name>; rerunning the same command resumes from the latest one. At the end the EMA
 student is exported (train.export_path, default <run>/export) for jobs/generate.py --checkpoint.
 """
@@ -26,8 +27,7 @@ from pipeline.config import Config  # noqa: E402
 def main(cfg: Config, args: argparse.Namespace) -> None:
     import ray
 
-    from actors.teacher import TeacherPool
-    from pipeline import data, trainer
+    from pipeline import trainer
 
     if args.export:
         print(f"exported: {trainer.export_latest(cfg, 'distill')}")
@@ -36,13 +36,8 @@ def main(cfg: Config, args: argparse.Namespace) -> None:
     cfg = trainer.with_absolute_paths(cfg)
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address or None)
-    negative = data.read_negative_prompt(cfg.data.output)
-    pool = TeacherPool.start(cfg, negative) if cfg.ray.teacher_actors else None
-    try:
-        summary = trainer.launch(cfg, "distill", pool)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    with trainer.actor_roles(cfg, "distill") as (teacher, critic):
+        summary = trainer.launch(cfg, "distill", teacher, critic)
     print(trainer.summary_text(summary))
 
 

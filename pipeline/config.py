@@ -177,14 +177,17 @@ class RayConfig:
     teacher_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
     encoder_actors: int = 1  # text-encoder (and VAE-encoder) actor pool size, for preprocessing
     encoder_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    # The critic: "trainer" = its own DeepSpeed engine inside each Train worker; "actors" = a critic actor
+    # group of `critic_actors` (each with `critic_resources`), one data-parallel DeepSpeed engine with its
+    # own process group, fed the whole global batch by the Train workers.
     critic_placement: Literal["trainer", "actors"] = "trainer"
+    critic_actors: int = 1
+    critic_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
 
     def __post_init__(self) -> None:
-        _positive(self, "num_workers", "encoder_actors")
+        _positive(self, "num_workers", "encoder_actors", "critic_actors")
         if self.teacher_actors < 0:
             raise ConfigError(f"ray.teacher_actors must be >= 0, got {self.teacher_actors}")
-        if self.critic_placement == "actors":
-            raise ConfigError("ray.critic_placement: actors (a critic actor group) is not built yet; use 'trainer'")
 
 
 @dataclass
@@ -275,6 +278,12 @@ class Config:
         disc_layers = self.method.discriminator.feature_layers
         if any(layer < 0 for layer in disc_layers):
             raise ConfigError(f"method.discriminator.feature_layers must be >= 0, got {disc_layers}")
+        global_batch = self.ray.num_workers * self.train.batch_size
+        if self.ray.critic_placement == "actors" and global_batch % self.ray.critic_actors:
+            raise ConfigError(
+                f"ray.critic_actors={self.ray.critic_actors} must divide the global batch ray.num_workers x "
+                f"train.batch_size = {global_batch}: each critic actor trains on an equal share of it"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

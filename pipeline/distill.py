@@ -93,13 +93,14 @@ class FeedbackRequest:
     gan_noise: torch.Tensor
     text: torch.Tensor
     real: torch.Tensor  # real latents, for the relativistic GAN loss
+    step: int  # the training step it belongs to (a critic actor group collects each step's requests)
 
 
 @dataclass
 class Feedback:
     x0_fake: torch.Tensor  # the critic's x0 at (x_t, t), fp32
-    gan_gradient: torch.Tensor  # d [w_g * GAN generator loss] / d x0, fp32
-    gan_loss: torch.Tensor  # the unweighted GAN generator loss (scalar)
+    gan_gradient: torch.Tensor  # d [w_g * mean of the GAN generator losses] / d x0, fp32
+    gan_losses: torch.Tensor  # (B,) each sample's unweighted GAN generator loss
 
 
 @dataclass
@@ -115,6 +116,7 @@ class CriticBatch:
     disc_noise: torch.Tensor
     r1_noise: torch.Tensor
     r2_noise: torch.Tensor
+    step: int
 
 
 class CriticRole(Protocol):
@@ -211,14 +213,14 @@ class LocalCritic:
                 real_logits = None
                 if m.gan_loss == "relativistic":
                     real_logits = critic.logits(add_noise(request.real, request.gan_noise, request.gan_t).to(dtype), request.gan_t, text)
-            grad, loss = losses.gan_generator_gradient(
+            grad, per_sample = losses.gan_generator_gradient(
                 request.x0.to(dtype), request.gan_noise.to(dtype), request.gan_t,
                 lambda x: critic.logits(x, request.gan_t, text), m.gan_generator_weight, real_logits, m.gan_loss,
             )
         finally:
             for p in trainable:
                 p.requires_grad_(True)
-        return Feedback(x0_fake=x0_fake, gan_gradient=grad.float(), gan_loss=loss)
+        return Feedback(x0_fake=x0_fake, gan_gradient=grad.float(), gan_losses=per_sample)
 
     def update(self, batch: CriticBatch) -> dict[str, float]:
         terms = critic_losses(self.module, batch, self.method)
@@ -343,18 +345,18 @@ def generator_step(ctx: StepContext, batch: Batch, step: int) -> dict[str, float
     gan_t = per_sample_timesteps(m, seed, step, idx, "gan_t")
     feedback = ctx.critic.feedback(FeedbackRequest(
         x_t=x_t, t=t, x0=sample, gan_t=gan_t, gan_noise=per_sample_noise(sample.shape[1:], seed, step, idx, "gan_noise"),
-        text=batch.text, real=batch.latent.float(),
+        text=batch.text, real=batch.latent.float(), step=step,
     ))
     x0_real = pending.result()
     direction = losses.dmd_direction(sample, feedback.x0_fake, x0_real)
     gradient = losses.dmd_gradient(sample, direction, out.first_grad_frame) + feedback.gan_gradient
     metrics = {
         "dmd": float(losses.dmd_loss(sample, direction, out.first_grad_frame)),
-        "gan_g": float(feedback.gan_loss),
+        "gan_g": float(feedback.gan_losses.mean()),
         "dmd_normaliser": float((sample - x0_real).abs().mean()),
     }
     # Non-finite scores would vanish in the direction's nan_to_num: check what goes in, not only what comes out.
-    if not all_finite(x0_real, feedback.x0_fake, gradient, feedback.gan_loss):
+    if not all_finite(x0_real, feedback.x0_fake, gradient, feedback.gan_losses):
         return {**metrics, "generator_skipped": 1.0}
     ctx.student.backward((x0.float() * gradient).sum())  # d/dx0 of this surrogate is exactly `gradient`
     metrics["generator_grad_norm"] = ctx.student.step()
@@ -377,6 +379,7 @@ def critic_step(ctx: StepContext, batch: Batch, step: int) -> dict[str, float]:
         flow_t=per_sample_timesteps(m, seed, step, idx, "flow_t"), flow_noise=per_sample_noise(shape, seed, step, idx, "flow_noise"),
         disc_t=per_sample_timesteps(m, seed, step, idx, "disc_t"), disc_noise=per_sample_noise(shape, seed, step, idx, "disc_noise"),
         r1_noise=per_sample_noise(shape, seed, step, idx, "r1_noise"), r2_noise=per_sample_noise(shape, seed, step, idx, "r2_noise"),
+        step=step,
     ))
 
 

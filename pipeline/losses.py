@@ -69,15 +69,22 @@ def flow_loss(v_pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> to
     return ((v_pred.float() - (noise.float() - x0.float())) ** 2).mean()
 
 
+def gan_generator_losses(
+    fake_logits: torch.Tensor, real_logits: torch.Tensor | None = None, kind: GanKind = "nonsaturating"
+) -> torch.Tensor:
+    """Per sample (B,): non-saturating softplus(-D(fake)); relativistic softplus(-(D(fake) - D(real)))."""
+    if kind == "nonsaturating":
+        return F.softplus(-fake_logits.float())
+    if real_logits is None:
+        raise ValueError("the relativistic GAN loss needs the real logits")
+    return F.softplus(-(fake_logits.float() - real_logits.float()))
+
+
 def gan_generator_loss(
     fake_logits: torch.Tensor, real_logits: torch.Tensor | None = None, kind: GanKind = "nonsaturating"
 ) -> torch.Tensor:
-    """Non-saturating: mean softplus(-D(fake)). Relativistic: mean softplus(-(D(fake) - D(real)))."""
-    if kind == "nonsaturating":
-        return F.softplus(-fake_logits.float()).mean()
-    if real_logits is None:
-        raise ValueError("the relativistic GAN loss needs the real logits")
-    return F.softplus(-(fake_logits.float() - real_logits.float())).mean()
+    """The generator's GAN loss: the batch mean of `gan_generator_losses`."""
+    return gan_generator_losses(fake_logits, real_logits, kind).mean()
 
 
 def gan_discriminator_loss(
@@ -133,7 +140,7 @@ def gan_generator_gradient(
     real_logits: torch.Tensor | None = None,
     kind: GanKind = "nonsaturating",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d [weight * gan_generator_loss(D(noise(x0, t)))] / d x0, the unweighted loss).
+    """(d [weight * gan_generator_loss(D(noise(x0, t)))] / d x0, the unweighted loss of each sample (B,)).
 
     Differentiates with respect to the sample only (torch.autograd.grad), so no parameter's `.grad` is
     touched even through a trainable critic; a ZeRO-wrapped critic must still be frozen
@@ -141,9 +148,9 @@ def gan_generator_gradient(
     """
     sample = x0.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = gan_generator_loss(logits(add_noise(sample, noise, timestep)), real_logits, kind)
-        (grad,) = torch.autograd.grad(weight * loss, sample)
-    return grad, loss.detach()
+        per_sample = gan_generator_losses(logits(add_noise(sample, noise, timestep)), real_logits, kind)
+        (grad,) = torch.autograd.grad(weight * per_sample.mean(), sample)
+    return grad, per_sample.detach()
 
 
 def regression_loss(x0_pred: torch.Tensor, x0_target: torch.Tensor) -> torch.Tensor:

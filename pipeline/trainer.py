@@ -20,6 +20,7 @@ already consumed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -64,6 +65,7 @@ class RunSpec:
     info: data.DatasetInfo
     negative: torch.Tensor  # the negative prompt's embedding (L, D)
     teacher: RealScore | None = None  # a teacher actor pool; None = a teacher inside each worker
+    critic: Any = None  # an actors.critic.CriticGroup (ray.critic_placement: actors); None = in each worker
     tracking_uri: str = ""  # empty: no tracking
     mlflow_run_id: str = ""
     samples: dict[str, Any] = field(default_factory=dict)  # fixed prompts for sample videos: id, prompt, text
@@ -197,16 +199,21 @@ def train_worker(spec: RunSpec) -> None:
     if cfg.train.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     engines = {"student": DeepSpeedOptimised(student, cfg.train.lr, cfg, world)}
+    checkpoint = ray.train.get_checkpoint()
     step_ctx = None
     if spec.mode == "distill":
-        engines["critic"] = DeepSpeedOptimised(load_critic(cfg, device), cfg.train.critic_lr, cfg, world)
+        if spec.critic is not None:  # the critic actor group: rank 0 forms it from the same checkpoint
+            if rank == 0:
+                spec.critic.form(None if checkpoint is None else f"{run_dir(cfg, spec.mode)}/{_basename(checkpoint.path)}")
+            dist.barrier()
+            critic = spec.critic
+        else:
+            engines["critic"] = DeepSpeedOptimised(load_critic(cfg, device), cfg.train.critic_lr, cfg, world)
+            critic = LocalCritic(engines["critic"], cfg.method)
         teacher = spec.teacher or LocalTeacher(load_teacher(cfg.model, device), spec.negative.to(device), cfg.method.real_guidance)
-        step_ctx = StepContext(
-            cfg, engines["student"], teacher, LocalCritic(engines["critic"], cfg.method), engines["student"].full_state
-        )
+        step_ctx = StepContext(cfg, engines["student"], teacher, critic, engines["student"].full_state)
 
     state, ema = WorkerState(), None
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state, ema = restore_checkpoint(directory, engines, rank)
@@ -245,13 +252,27 @@ def train_worker(spec: RunSpec) -> None:
         if spec.tracking_uri and spec.samples and (state.step % cfg.tracking.sample_every == 0 or state.step == cfg.train.steps):
             _log_samples(cfg, spec, engines["student"], current_ema, tracker, state.step)
         if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:
+            name = checkpoint_name(state.step)
+            if spec.critic is not None and rank == 0:  # the group writes its shards into the same directory
+                spec.critic.save(f"{run_dir(cfg, spec.mode)}/{name}")
             with tempfile.TemporaryDirectory(prefix="oneforce-ckpt-") as directory:
                 save_checkpoint(directory, state, engines, current_ema, rank)
                 ray.train.report(
-                    {"step": state.step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(directory)
+                    {"step": state.step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                    checkpoint_dir_name=name,
                 )
     if progress is not None:
         progress.close()
+
+
+def checkpoint_name(step: int) -> str:
+    """A checkpoint's directory in the run: named by the step after it, so the critic group (on other
+    nodes) can write into the directory the Train workers report next."""
+    return f"checkpoint_{step:08d}"
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _log_samples(cfg: Config, spec: RunSpec, student: DeepSpeedOptimised, ema: EMA | None, tracker, step: int) -> None:
@@ -337,7 +358,9 @@ def resource_plan(cfg: Config, mode: Mode) -> dict[str, Any]:
     if mode == "distill":
         plan["teacher"] = (f"{r.teacher_actors} teacher actor(s) ({each(r.teacher_resources)} each)" if r.teacher_actors
                            else "inside each Train worker")
-        plan["critic"] = "a DeepSpeed engine inside each Train worker" if r.critic_placement == "trainer" else "critic actors"
+        plan["critic"] = ("a DeepSpeed engine inside each Train worker" if r.critic_placement == "trainer" else
+                          f"{r.critic_actors} critic actor(s) ({each(r.critic_resources)} each), one DeepSpeed "
+                          f"ZeRO-{cfg.train.zero_stage} engine with its own process group")
     plan["data"] = cfg.data.output
     plan["checkpoints"] = run_dir(cfg, mode)
     plan["export"] = export_path(cfg, mode)
@@ -359,8 +382,11 @@ def training_dataset(output: str, columns: list[str]):
     return dataset.materialize() if size < MATERIALIZE_BELOW_BYTES else dataset
 
 
-def fit(cfg: Config, mode: Mode, teacher: RealScore | None = None, tracking_uri: str = "", mlflow_run_id: str = ""):
-    """Run (or resume) ODE init or distillation on Ray Train; returns Ray Train's `Result`."""
+def fit(
+    cfg: Config, mode: Mode, teacher: RealScore | None = None, tracking_uri: str = "", mlflow_run_id: str = "", critic: Any = None
+):
+    """Run (or resume) ODE init or distillation on Ray Train; returns Ray Train's `Result`. `teacher` and
+    `critic` are actor roles (`ActorRoles`); None puts the role inside each Train worker."""
     import ray.data
     import ray.train
     from ray.data import ExecutionOptions
@@ -374,7 +400,7 @@ def fit(cfg: Config, mode: Mode, teacher: RealScore | None = None, tracking_uri:
     columns = ["id", "prompt", "kind", "text_embedding", "latent"] + (["trajectory"] if mode == "ode_init" else [])
     spec = RunSpec(
         config=cfg.to_dict(), mode=mode, info=info, negative=data.read_negative_prompt(cfg.data.output),
-        teacher=teacher, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id,
+        teacher=teacher, critic=critic, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id,
         samples=fixed_samples(cfg.data.output, cfg.tracking.sample_prompts) if tracking_uri and cfg.model.codec else {},
     )
     r = cfg.ray
@@ -406,18 +432,21 @@ def fit(cfg: Config, mode: Mode, teacher: RealScore | None = None, tracking_uri:
         raise Interrupted(f"training stopped; rerun the same command to resume from {run_dir(cfg, mode)}") from stop
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+
+
 def latest_checkpoint(cfg: Config, mode: Mode) -> str | None:
-    """The newest complete checkpoint directory of the run (one with its state file), or None."""
+    """The run's newest checkpoint that Ray Train registered (every worker's part persisted), or None.
+    A directory left half-written by a job that died is never registered, so never picked."""
     import fsspec
 
     from pipeline.storage import user_path
 
     fs, root = fsspec.core.url_to_fs(run_dir(cfg, mode))
-    if not fs.exists(root):
+    if not fs.exists(f"{root}/{RAY_SNAPSHOT}"):
         return None
-    folders = sorted(p for p in fs.ls(root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_"))
-    complete = [p for p in folders if fs.exists(f"{p}/{STATE_FILE}") and fs.exists(f"{p}/{WEIGHTS_FILE}")]
-    return user_path(fs, complete[-1]) if complete else None
+    latest = json.loads(fs.cat(f"{root}/{RAY_SNAPSHOT}")).get("latest_checkpoint_result")
+    return user_path(fs, f"{root}/{latest['checkpoint_dir_name']}") if latest else None
 
 
 def export_path(cfg: Config, mode: Mode) -> str:
@@ -442,7 +471,29 @@ def export_latest(cfg: Config, mode: Mode, checkpoint: str | None = None) -> str
     return export_path(cfg, mode)
 
 
-def launch(cfg: Config, mode: Mode, teacher: RealScore | None = None) -> dict[str, Any]:
+@contextlib.contextmanager
+def actor_roles(cfg: Config, mode: Mode) -> Iterator[tuple[RealScore | None, Any]]:
+    """(teacher, critic) for `fit`: the teacher actor pool (`ray.teacher_actors` > 0) and the critic
+    actor group (`ray.critic_placement: actors`) of a distillation, started here and stopped on exit;
+    None where the role lives inside each Train worker (and always for ODE init)."""
+    teacher = critic = None
+    try:
+        if mode == "distill" and cfg.ray.teacher_actors:
+            from actors.teacher import TeacherPool
+
+            teacher = TeacherPool.start(cfg, data.read_negative_prompt(cfg.data.output))
+        if mode == "distill" and cfg.ray.critic_placement == "actors":
+            from actors.critic import CriticGroup
+
+            critic = CriticGroup.start(cfg)
+        yield teacher, critic
+    finally:
+        for role in (teacher, critic):
+            if role is not None:
+                role.shutdown()
+
+
+def launch(cfg: Config, mode: Mode, teacher: RealScore | None = None, critic: Any = None) -> dict[str, Any]:
     """The driver of a training job: MLflow run (resumed with the run), fit on Ray Train, export.
     Returns a summary: final metrics, checkpoint, export path, MLflow URI and run id."""
     from pipeline.tracking import MLflowTracker, NullTracker, tracking_uri
@@ -456,7 +507,7 @@ def launch(cfg: Config, mode: Mode, teacher: RealScore | None = None) -> dict[st
                                 uri=tracking_uri(cfg.tracking, directory))
         uri, run_id = tracker.uri, tracker.run_id
     try:
-        result = fit(cfg, mode, teacher, uri, run_id)
+        result = fit(cfg, mode, teacher, uri, run_id, critic)
         exported = export_latest(cfg, mode, result.checkpoint.path if "://" not in directory else None)
     except BaseException:
         tracker.close()

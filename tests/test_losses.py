@@ -166,7 +166,8 @@ def test_gan_generator_gradient_matches_autograd_and_leaves_a_trainable_critic_u
     assert x0.grad is None
     (want,) = torch.autograd.grad(0.03 * gan_generator_loss(logits(add_noise(x0, noise, t))), x0)
     assert torch.allclose(grad, want, atol=1e-7) and grad.abs().max() > 0
-    assert loss.item() == pytest.approx(gan_generator_loss(logits(add_noise(x0, noise, t))).item())
+    assert loss.shape == (2,)
+    assert loss.mean().item() == pytest.approx(gan_generator_loss(logits(add_noise(x0, noise, t))).item())
     # the relativistic form takes the real logits as constants
     real_logits = torch.tensor([0.3, -0.2])
     grad, _ = gan_generator_gradient(x0, noise, t, logits, 0.03, real_logits, "relativistic")

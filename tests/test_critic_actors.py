@@ -1,0 +1,129 @@
+"""The critic on its own actor group (`ray.critic_placement: actors`), and runs that lose a Train
+worker or a critic actor: every case ends with the losses the plain single-process loop gives on the
+rows the workers read."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from actors.critic import CriticGroup, route, senders
+from pipeline import trainer
+from tests.test_distill import assert_same_losses, batches_read, history_of, plain_history, tiny_config, tiny_data  # noqa: F401
+
+
+@pytest.mark.parametrize("world,batch,actors", [(2, 1, 1), (2, 1, 2), (1, 4, 2), (2, 3, 3), (3, 2, 2)])
+def test_route_gives_every_sample_of_the_global_batch_to_one_actor(world, batch, actors):
+    share = world * batch // actors
+    owner = {}
+    for rank, pieces in enumerate(route(world, batch, actors)):
+        assert sum(stop - start for _, start, stop in pieces) == batch
+        for actor, start, stop in pieces:
+            for row in range(start, stop):
+                owner[rank * batch + row] = actor
+    assert sorted(owner) == list(range(world * batch))
+    assert all(owner[p] == p // share for p in owner)  # contiguous, equal shares
+    for actor in range(actors):
+        assert senders(world, batch, actors, actor) == sorted({p // batch for p in owner if owner[p] == actor})
+
+
+def actors_config(dataset: str, storage: str, name: str, critic_actors: int, *overrides: str):
+    return tiny_config(dataset, storage, name, "ray.num_workers=2", "ray.critic_placement=actors",
+                       f"ray.critic_actors={critic_actors}", "ray.critic_resources={CPU: 0.5}", *overrides)
+
+
+def fit_with_group(cfg, **kwargs):
+    group = CriticGroup.start(cfg)
+    try:
+        return trainer.fit(cfg, "distill", critic=group, **kwargs), group
+    finally:
+        group.shutdown()
+
+
+def test_one_critic_actor_serving_two_workers_equals_plain_loop(ray_local, tiny_data, tmp_path):
+    cfg = actors_config(tiny_data, str(tmp_path), "one-critic", 1)
+    result, _ = fit_with_group(cfg)
+    history = history_of(result)
+    assert [h["step"] for h in history] == list(range(5)) and all(len(h["ids"]) == 2 for h in history)
+    assert_same_losses(history, plain_history(cfg, batches_read(history, cfg.data.output)))
+    checkpoint = Path(result.checkpoint.path)
+    assert checkpoint.name == "checkpoint_00000005"
+    assert any(p.name.startswith("mp_rank_00_model") for p in (checkpoint / "critic").iterdir())
+
+
+def test_two_critic_actors_relaunched_on_s3_continue_exactly(ray_local, tiny_data, s3_server, tmp_path):
+    """Two critic actors (one sample each), storage on the S3 server: stop after the checkpoint at step
+    3, relaunch the same run with fresh actors; the five steps equal the plain loop's."""
+    storage = f"s3://oneforce-test/critic-{tmp_path.name}"
+    first = actors_config(tiny_data, storage, "relaunched", 2, "train.steps=3", "train.checkpoint_every=3")
+    stopped, _ = fit_with_group(first)
+    assert [h["step"] for h in history_of(stopped)] == [0, 1, 2]
+    again = actors_config(tiny_data, storage, "relaunched", 2)
+    resumed, _ = fit_with_group(again)
+    history = history_of(resumed)
+    assert [h["step"] for h in history] == list(range(5))
+    assert_same_losses(history, plain_history(again, batches_read(history, again.data.output)))
+
+
+def kill_after_checkpoint(cfg, kill, done: threading.Event, record: dict) -> threading.Thread:
+    """A thread that waits for the run's first checkpoint (step 2), then calls `kill`."""
+
+    def watch() -> None:
+        first = Path(trainer.run_dir(cfg, "distill")) / trainer.checkpoint_name(2)
+        deadline = time.time() + 300
+        while not (first / trainer.STATE_FILE).exists():
+            if done.is_set() or time.time() > deadline:
+                return
+            time.sleep(0.1)
+        record["finished_before_kill"] = (Path(trainer.run_dir(cfg, "distill")) / trainer.checkpoint_name(8)).exists()
+        record["killed"] = kill()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _alive_pid(class_name: str, address: str) -> int:
+    from ray.util.state import list_actors
+
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        found = list_actors(address=address, filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+        if found:
+            return found[0].pid
+        time.sleep(0.2)
+    raise AssertionError(f"no live {class_name}")
+
+
+@pytest.mark.parametrize("victim", ["train_worker", "critic_actor"])
+def test_a_killed_role_restarts_from_the_last_checkpoint_and_the_run_ends_unchanged(ray_local, ray_cluster, tiny_data, tmp_path, victim):
+    """8 steps, checkpoints every 2, one Train-run restart allowed. Right after the first checkpoint a
+    Train worker's process (or a critic actor's) is killed with SIGKILL: Ray Train restarts the workers
+    from that checkpoint, rank 0 re-forms the critic group from the same one, and the history of the
+    finished run (steps 0-7, each once) has the losses the plain loop gives on the rows read."""
+    cfg = actors_config(tiny_data, str(tmp_path), f"killed-{victim}", 1, "train.steps=8", "train.checkpoint_every=2",
+                        "train.max_failures=1")
+    group = CriticGroup.start(cfg)
+
+    def kill() -> int:
+        pid = _alive_pid("RayTrainWorker" if victim == "train_worker" else "CriticActor", ray_cluster[0])
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    done, record = threading.Event(), {}
+    watcher = kill_after_checkpoint(cfg, kill, done, record)
+    try:
+        result = trainer.fit(cfg, "distill", critic=group)
+    finally:
+        done.set()
+        watcher.join()
+        group.shutdown()
+    assert record.get("killed") and not record["finished_before_kill"], record
+    history = history_of(result)
+    assert [h["step"] for h in history] == list(range(8))
+    assert_same_losses(history, plain_history(cfg, batches_read(history, cfg.data.output)))
