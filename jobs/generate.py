@@ -32,7 +32,8 @@ from jobs.cli import run_main
 from pipeline import data
 from pipeline.checkpoint import export_settings
 from pipeline.config import Config, load_config
-from pipeline.failures import Interrupted, interrupt_signal
+from pipeline.failures import Interrupted, init_ray, interrupt_signal
+from pipeline.models.loading import check_checkpoint
 from pipeline.planning import SHOWN_BAD_LINES, ClipPlan, parse_prompt_files, plan_clips, ray_resources
 from pipeline.storage import check_exists, check_writable, naming
 from pipeline.tracking import open_tracker
@@ -94,12 +95,14 @@ def summary_lines(plan: ClipPlan, new: list[dict[str, Any]], seconds: float) -> 
     return lines
 
 
-def preflight(checkpoint: str, prompts: str, out: str) -> list[str]:
-    """The checks the driver makes in a second, before Ray and MLflow start; returns the prompt files."""
+def preflight(checkpoint: str, prompts: str, out: str, student_arch: str) -> list[str]:
+    """The checks the driver makes in a second, before Ray and MLflow start; returns the prompt files.
+    A single weights file is read as `student_arch` (model.student_arch); a directory carries its own."""
     check_exists(checkpoint, "--checkpoint")
     with naming(prompts, "--prompts"):
         files = data.list_files(prompts)
     check_writable(out, "--out")
+    check_checkpoint(checkpoint, student_arch)  # config.json and tensor headers only
     return files
 
 
@@ -107,7 +110,7 @@ def run(cfg: Config, checkpoint: str, prompts: str, out: str) -> tuple[ClipPlan,
     """The whole job on an initialised Ray: returns the plan and the manifest rows of new clips. The
     manifest is rewritten after every finished batch and when the run stops early (Ctrl-C, SIGTERM, an
     error), so a rerun regenerates only the clips that were not finished."""
-    files = preflight(checkpoint, prompts, out)
+    files = preflight(checkpoint, prompts, out, cfg.model.student_arch)
     parsed = parse_prompt_files(files, cfg.generate.max_prompt_chars, "generate.max_prompt_chars")
     with naming(out, "--out"):
         plan = plan_clips(parsed, cfg.generate, read_manifest(out), existing_files(out))
@@ -142,12 +145,11 @@ def run(cfg: Config, checkpoint: str, prompts: str, out: str) -> tuple[ClipPlan,
 
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
-    preflight(args.checkpoint, args.prompts, args.out)
+    preflight(args.checkpoint, args.prompts, args.out, cfg.model.student_arch)
     settings = export_settings(args.checkpoint)
     if settings:  # what the student was trained with, under the user's --config and overrides
         cfg = load_config(args.config, args.overrides, base=settings)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or None)
+    init_ray(cfg.ray.address)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="generate-") as run_dir:  # holds only the MLflow run id
         tracker = open_tracker(cfg.tracking, run_dir, cfg.to_dict(), "generate")

@@ -29,9 +29,9 @@ from actors.teacher import TeacherSamplerStage
 from jobs.cli import run_main
 from pipeline import data
 from pipeline.config import Config
-from pipeline.failures import about
+from pipeline.failures import about, init_ray
 from pipeline.flow import sampling_timesteps, schedule_through
-from pipeline.models.loading import load_text_encoder, teacher_config, teacher_id
+from pipeline.models.loading import check_weights, load_text_encoder, teacher_config, teacher_id
 from pipeline.planning import SHOWN_BAD_LINES, RowPlan, merge, parse_prompt_files, plan_rows, ray_resources
 from pipeline.rollout import training_steps
 from pipeline.storage import check_exists, check_writable, naming
@@ -73,9 +73,9 @@ def preflight(cfg: Config) -> None:
         if spec:
             with naming(spec, key):
                 data.list_files(spec, data.PROMPT_SUFFIXES if key == "data.prompts" else (".jsonl", ".csv", ".parquet"))
-    for key in ("teacher_path", "text_encoder_path"):
-        if getattr(cfg.model, key):
-            check_exists(getattr(cfg.model, key), f"model.{key}")
+    check_weights(cfg.model, "teacher_path")  # exists; a single file fits model.teacher_arch
+    if cfg.model.text_encoder_path:
+        check_exists(cfg.model.text_encoder_path, "model.text_encoder_path")
     if cfg.model.codec and not cfg.model.codec.startswith("patch:"):
         check_exists(cfg.model.codec, "model.codec")
     check_writable(cfg.data.output, "data.output")
@@ -170,8 +170,7 @@ def run(cfg: Config) -> tuple[RowPlan, int]:
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
     preflight(cfg)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or None)
+    init_ray(cfg.ray.address)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="preprocess-") as run_dir:  # holds only the MLflow run id
         tracker = open_tracker(cfg.tracking, run_dir, dataclasses.asdict(cfg), "preprocess")

@@ -94,47 +94,48 @@ def main(cfg: Config, args: argparse.Namespace) -> None:
         save_state_json(train_state, out / "state.json")  # human-readable progress beside the weights
 
     tracker = open_tracker(cfg.tracking, str(out), cfg.to_dict(), run_name=f"pretrain_teacher:{cfg.name}")
-    started, deadline = time.time(), (time.time() + 60 * args.max_minutes if args.max_minutes else math.inf)
-    losses: list[float] = []
-    model.train()
-    with open(out / "loss.csv", "a") as curve, tqdm(total=pc.steps, initial=state.step, desc="pretrain", unit="step") as bar:
-        for step in range(state.step, pc.steps):
-            x0, text, _ = data.batch(step, pc.batch_size, pc.cfg_dropout)
-            loss = flow_matching_loss(model, x0, text, generator, pc.timestep_shift)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), pc.grad_clip)
-            opt.step()
-            schedule.step()
-            ema_update(ema, model, min(pc.ema_decay, (1 + step) / (10 + step)))
-            losses.append(loss.item())
-            bar.update(1)
-            done = step + 1
-            if done % pc.log_every == 0:
-                mean = sum(losses) / len(losses)
-                losses.clear()
-                curve.write(f"{done},{mean:.5f},{schedule.get_last_lr()[0]:.3e},{time.time() - started:.0f}\n")
-                curve.flush()
-                bar.set_postfix(loss=f"{mean:.4f}")
-                tracker.log_metrics({"loss": mean, "lr": schedule.get_last_lr()[0]}, step=done)
-            if done % pc.eval_every == 0 and done < pc.steps:
-                tracker.log_metrics({f"eval/{k}": v for k, v in grade_bundle(bundle(ema), pc.eval_prompts).items()}, done)
-            stop = time.time() > deadline or done == args.stop_at_step
-            if done % pc.checkpoint_every == 0 or done == pc.steps or stop:
-                save_checkpoint(done)
-            if stop:
-                print(f"stopping at step {done} (--max-minutes / --stop-at-step); rerun to continue")
-                tracker.close()
-                return
+    try:
+        started, deadline = time.time(), (time.time() + 60 * args.max_minutes if args.max_minutes else math.inf)
+        losses: list[float] = []
+        model.train()
+        with open(out / "loss.csv", "a") as curve, tqdm(total=pc.steps, initial=state.step, desc="pretrain", unit="step") as bar:
+            for step in range(state.step, pc.steps):
+                x0, text, _ = data.batch(step, pc.batch_size, pc.cfg_dropout)
+                loss = flow_matching_loss(model, x0, text, generator, pc.timestep_shift)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), pc.grad_clip)
+                opt.step()
+                schedule.step()
+                ema_update(ema, model, min(pc.ema_decay, (1 + step) / (10 + step)))
+                losses.append(loss.item())
+                bar.update(1)
+                done = step + 1
+                if done % pc.log_every == 0:
+                    mean = sum(losses) / len(losses)
+                    losses.clear()
+                    curve.write(f"{done},{mean:.5f},{schedule.get_last_lr()[0]:.3e},{time.time() - started:.0f}\n")
+                    curve.flush()
+                    bar.set_postfix(loss=f"{mean:.4f}")
+                    tracker.log_metrics({"loss": mean, "lr": schedule.get_last_lr()[0]}, step=done)
+                if done % pc.eval_every == 0 and done < pc.steps:
+                    tracker.log_metrics({f"eval/{k}": v for k, v in grade_bundle(bundle(ema), pc.eval_prompts).items()}, done)
+                stop = time.time() > deadline or done == args.stop_at_step
+                if done % pc.checkpoint_every == 0 or done == pc.steps or stop:
+                    save_checkpoint(done)
+                if stop:
+                    print(f"stopping at step {done} (--max-minutes / --stop-at-step); rerun to continue")
+                    return
 
-    replace_directory(bundle(ema).save, out / "teacher")
-    report = grade_bundle(ToyBundle.load(out / "teacher"), pc.eval_prompts)
-    (out / "eval.json").write_text(json.dumps(report, indent=1))
-    tracker.log_metrics({f"eval/{k}": v for k, v in report.items()}, pc.steps)
-    tracker.log_artifact(str(out / "eval.json"))
-    tracker.log_artifact(str(out / "loss.csv"))
-    tracker.close()
-    print(json.dumps(report, indent=1))
+        replace_directory(bundle(ema).save, out / "teacher")
+        report = grade_bundle(ToyBundle.load(out / "teacher"), pc.eval_prompts)
+        (out / "eval.json").write_text(json.dumps(report, indent=1))
+        tracker.log_metrics({f"eval/{k}": v for k, v in report.items()}, pc.steps)
+        tracker.log_artifact(str(out / "eval.json"))
+        tracker.log_artifact(str(out / "loss.csv"))
+        print(json.dumps(report, indent=1))
+    finally:
+        tracker.close()  # FAILED or KILLED when an exception or a signal is on its way out
 
 
 def extra_args(parser: argparse.ArgumentParser) -> None:

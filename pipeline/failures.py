@@ -11,6 +11,9 @@
   blocks run (trackers close as KILLED, generate flushes its manifest), then one line,
   `interrupted: <detail>`, and exit code 128 + the signal number.
 - an MLflow run still open when the job ends is ended FAILED or KILLED, not FINISHED.
+- jobs start Ray with `init_ray`: the workers' output still reaches the terminal (progress bars,
+  prints), but the tracebacks a failing worker prints, and Ray's own error records on the driver, go to
+  the same log file instead of printing a few hundred lines above the one-line error.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from __future__ import annotations
 import builtins
 import contextlib
 import datetime
+import logging
 import os
 import re
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -124,13 +129,14 @@ def cause(err: BaseException) -> Cause:
 @contextlib.contextmanager
 def about(field: str, value: str) -> Iterator[None]:
     """Name the config key `field` (set to `value`) in an input error raised inside the block, unless
-    the message names it already: a loader deep in a library (diffusers: "Cannot load  because ...")
-    does not know which setting gave it its path."""
+    the message names it already (the key, or the value as its first word): a loader deep in a library
+    (diffusers: "Cannot load  because ...", "Unable to load weights from checkpoint file for '<a file
+    inside value>'") does not know which setting gave it its path."""
     try:
         yield
     except INPUT_ERRORS as err:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        if field in message or (value and value in message):
+        if field in message or (value and message.startswith(value)):  # it names the input already
             raise
         try:
             named = type(err)(f"{field}={value}: {message}")
@@ -147,14 +153,134 @@ def log_dir() -> Path:
     return Path(cache) / "oneforce" / "logs"
 
 
-def write_log(err: BaseException, job: str) -> Path:
-    """The full traceback (Ray's remote tracebacks included: they are in the exceptions' text)."""
-    folder = log_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = folder / f"{job}-{stamp}-{os.getpid()}.log"
-    path.write_text(f"{' '.join(sys.argv)}\n\n{''.join(traceback.format_exception(err))}")
+_log_lock = threading.Lock()
+_log_path: Path | None = None  # this process's log file, named on first use
+
+
+def log_path(job: str | None = None) -> Path:
+    """This job's log file (one per process; written only when there is something to keep)."""
+    global _log_path
+    with _log_lock:
+        if _log_path is None:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            name = job or Path(sys.argv[0]).stem or "job"
+            _log_path = log_dir() / f"{name}-{stamp}-{os.getpid()}.log"
+        return _log_path
+
+
+def append_log(text: str, job: str | None = None) -> Path:
+    """Append `text` to the job's log file, which starts with the command line."""
+    path = log_path(job)
+    with _log_lock:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with open(path, "a") as f:
+            f.write((f"{' '.join(sys.argv)}\n\n" if new else "\n") + text.rstrip("\n") + "\n")
     return path
+
+
+def write_log(err: BaseException, job: str) -> Path:
+    """The full traceback (Ray's remote tracebacks included: they are in the exceptions' text), after
+    whatever worker output the job's log already holds."""
+    return append_log("".join(traceback.format_exception(err)), job)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ray's output on the driver: worker tracebacks and Ray's error records to the log, the rest as usual
+# ---------------------------------------------------------------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the wrapper line of a remote traceback
+# A line that starts a traceback, Ray's report of an actor or task that failed with one, or an error
+# record in Ray's log format (a Train controller's "training failed", whose traceback follows).
+_TRACEBACK_START = re.compile(
+    r"Traceback \(most recent call last\)|Exception raised in creation task|^\s*ray::\S+\(\) \(pid=|^\S+ \S+\s+ERROR \S+:\d+ -- "
+)
+# Lines that continue one: frames and code (indented), blank lines, carets, chained-exception
+# headers, the final "Type: message" line and Ray's wrapper lines around a remote traceback.
+_TRACEBACK_GOES_ON = re.compile(
+    r"^(\s|$|\^|The above exception|During handling of the above|ray::|\(pid=)|^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b"
+)
+
+
+class WorkerTracebacks:
+    """Wraps Ray's printer of the workers' output on the driver (batches of lines per worker and
+    stream, and the raylet's task-failure reports): tracebacks go to the job's log file, everything else
+    (progress bars, prints, warnings) to the terminal as before, with Ray's prefixes."""
+
+    def __init__(self, print_lines: Callable[..., None]) -> None:
+        self.print_lines = print_lines
+        self.in_traceback: set[tuple] = set()  # (worker, stream) whose last batch ended inside one
+
+    def __call__(self, data: dict, print_file: object, *args: object, **kwargs: object) -> None:
+        key = (data.get("ip"), data.get("pid"), data.get("is_err"))
+        inside = key in self.in_traceback
+        shown, logged = [], []
+        for line in data.get("lines", []):  # a raylet report is one "line" holding a whole traceback
+            plain = _ANSI.sub("", line)
+            if _TRACEBACK_START.search(plain):
+                inside = True
+            elif inside and not _TRACEBACK_GOES_ON.match(plain):
+                inside = False
+            (logged if inside else shown).append(line)
+        (self.in_traceback.add if inside else self.in_traceback.discard)(key)
+        if logged:
+            who = data.get("actor_name") or data.get("task_name") or data.get("pid") or "worker"
+            try:
+                append_log(f"[{who} pid={data.get('pid')} ip={data.get('ip')}]\n" + "\n".join(logged))
+            except OSError:  # no log folder: the terminal keeps them rather than losing them
+                shown = data.get("lines", [])
+        if shown:
+            self.print_lines({**data, "lines": shown}, print_file, *args, **kwargs)
+
+
+class RayErrorsToLog(logging.Filter):
+    """On a console handler of Ray's driver loggers: error records and tracebacks (Ray Data's "Full
+    stack trace", "actors died during initialization") go to the job's log file; the error reaches the
+    user as run_guarded's one line. Info and warnings (Ray Data's progress) still print."""
+
+    _format = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d -- %(message)s")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR and not record.exc_info:
+            return True
+        try:
+            append_log(self._format.format(record))
+        except OSError:
+            return True
+        return False
+
+
+def quiet_ray_output() -> None:
+    """Route Ray's output on the driver as `WorkerTracebacks` and `RayErrorsToLog` say. Ray has no
+    public hook for the workers' output short of dropping all of it (`log_to_driver=False`, which also
+    drops the Train workers' progress bar), so this wraps `ray._private.worker.print_worker_logs`;
+    where another Ray version lacks it, the workers' output prints as Ray prints it."""
+    import ray.data  # noqa: F401 - configures Ray Data's console logger, which gets the filter below
+
+    for name in ["ray", *(n for n in list(logging.root.manager.loggerDict) if n.startswith("ray."))]:
+        for handler in logging.getLogger(name).handlers:
+            console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+            if console and not any(isinstance(f, RayErrorsToLog) for f in handler.filters):
+                handler.addFilter(RayErrorsToLog())
+    try:  # both the worker-output thread and the error thread print through this one function
+        from ray._private import worker as ray_worker
+
+        printer = ray_worker.print_worker_logs
+    except (ImportError, AttributeError):
+        return
+    if not isinstance(printer, WorkerTracebacks):
+        ray_worker.print_worker_logs = WorkerTracebacks(printer)
+
+
+def init_ray(address: str = "") -> None:
+    """`ray.init` for a job's driver (a no-op when Ray is up), with Ray's output routed by
+    `quiet_ray_output`: a worker's failure reaches the terminal once, as the job's one-line error."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=address or None)
+    quiet_ray_output()
 
 
 def interrupt_signal(err: BaseException) -> int | None:
@@ -214,6 +340,7 @@ def report(err: BaseException, job: str) -> int:
 def run_guarded(body: Callable[[], None], job: str) -> None:
     """Run a job's body with the handlers above; exits the process on failure or interruption."""
     install_signal_handlers()
+    log_path(job)  # names the log after the job, before Ray's output may go there
     try:
         body()
     except BaseException as err:  # noqa: BLE001 - every way out gets the one-line treatment
@@ -231,3 +358,5 @@ def run_guarded(body: Callable[[], None], job: str) -> None:
             os._exit(code)
         sys.exit(code)
     end_open_mlflow_run(None)
+    if _log_path is not None and _log_path.exists():  # e.g. a worker that failed and was retried
+        print(f"note: Ray reported errors it recovered from (a retried task, a restarted actor): {_log_path}", file=sys.stderr)

@@ -4,8 +4,11 @@ MLflow's store; a failed preprocess does not block its rerun; s3:// failures nam
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,11 +20,16 @@ import pytest
 import ray
 import torch
 
-from jobs import preprocess
+from safetensors.torch import save_file
+
+from jobs import generate, preprocess
+from jobs.cli import parse
 from pipeline import failures
-from pipeline.storage import StorageError, check_exists, check_writable
+from pipeline.config import ModelConfig
 from pipeline.models.causal_wan import CausalWanModel
-from pipeline.models.wan_weights import WAN_CONFIGS
+from pipeline.models.loading import check_weights
+from pipeline.models.wan_weights import WAN_CONFIGS, diffusers_to_original
+from pipeline.storage import StorageError, check_exists, check_writable
 from tests.test_preprocess import _config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +66,21 @@ def wrong_shape_teacher(path: Path) -> Path:
     config["ffn_dim"] *= 2
     (path / "config.json").write_text(json.dumps(config))
     return path
+
+
+def cut_short_teacher(path: Path) -> Path:
+    """A diffusers folder whose weights file was cut short (an interrupted copy): config.json and the
+    safetensors header are intact, so only loading the tensors, in the teacher's Ray actor, finds it."""
+    torch.manual_seed(0)
+    CausalWanModel(**WAN_CONFIGS["tiny"]).save_pretrained(path)
+    weights = path / "diffusion_pytorch_model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    return path
+
+
+# Ray's and MLflow's own log records (timestamped INFO/WARNING lines, Ray Data's progress on a
+# non-terminal) and the job's progress bar: what a successful run prints too.
+_RAY_RECORD = re.compile(r"^\[?\d{4}[-/]\d\d[-/]\d\d[ T]\d\d:\d\d:\d\d|^preprocess: ")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,16 +134,24 @@ def test_a_teacher_that_fails_to_load_in_its_actor_is_one_line_exit_2_failed_in_
 ):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red square moving left, fast\na blue circle moving up, slow\n")
-    teacher, out, uri = wrong_shape_teacher(tmp_path / "teacher"), tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
+    teacher, out, uri = cut_short_teacher(tmp_path / "teacher"), tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
     result = run_job("preprocess.py", [
         *TINY_PREPROCESS, f"model.teacher_path={teacher}", f"data.prompts={prompts}", f"data.output={out}",
         f"tracking.tracking_uri={uri}", f"ray.address={ray_cluster[0]}",
     ], tmp_path / "logs")
     line = error_line(result)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert line.startswith(f"error: model.teacher_path={teacher}: ") and "expected shape" in line, line
+    assert line.startswith(f"error: model.teacher_path={teacher}: Unable to load weights from checkpoint file"), line
+    # Nothing of the actor's traceback (Ray forwards the worker's stderr and the raylet's retry report)
+    # nor Ray Data's "Full stack trace" above the line: besides Ray's usual records, it is all there is.
+    assert [x for x in result.stderr.splitlines() if x.strip() and not _RAY_RECORD.match(x)] == [line], result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr and 'File "' not in result.stdout + result.stderr
     log = Path(line.rsplit("(traceback: ", 1)[1].rstrip(")"))
-    assert log.parent == tmp_path / "logs" and "Traceback (most recent call last)" in log.read_text()
+    text = log.read_text()
+    assert log.parent == tmp_path / "logs" and text.startswith("jobs/preprocess.py ")
+    # The full story is in the log: the worker's own traceback down to safetensors, and the driver's.
+    assert text.count("Traceback (most recent call last)") >= 2 and 'actors/teacher.py", line' in text
+    assert "SafetensorError" in text and "ActorDiedError" in text
     assert run_statuses(uri) == ["FAILED"]
 
     # The failed run wrote the dataset's description before the teacher loaded; fixing the setting and
@@ -132,14 +163,98 @@ def test_a_teacher_that_fails_to_load_in_its_actor_is_one_line_exit_2_failed_in_
         preprocess.run(_config(str(prompts), str(out), **{"data.teacher_steps": 4}))
 
 
-def test_driver_side_checks_fail_before_ray_starts(tmp_path):
+def test_worker_tracebacks_go_to_the_log_while_progress_bars_still_print(tmp_path, monkeypatch):
+    """What the driver does with the lines Ray forwards (a Train worker's bar and its traceback, split
+    across batches; a raylet retry report holding a whole traceback in one line)."""
+    monkeypatch.setattr(failures, "_log_path", tmp_path / "distill.log")
+    printed = []
+    route = failures.WorkerTracebacks(lambda data, file, *rest: printed.append(data["lines"]))
+    worker = {"pid": 7, "ip": "10.0.0.2", "is_err": True, "actor_name": "RayTrainWorker"}
+    route({**worker, "lines": ["toy:  10%|#         | 3/30", "Traceback (most recent call last):",
+                               '  File "pipeline/trainer.py", line 9, in loop', "    step()",
+                               "ValueError: model.critic_path=/x: bad"]}, sys.stderr)
+    route({**worker, "lines": ["", "The above exception was the direct cause of the following exception:", "",
+                               "\x1b[36mray::RayTrainWorker.run()\x1b[39m (pid=7, ip=10.0.0.2)", '  File "x.py", line 1, in f',
+                               "RuntimeError: boom", "toy:  20%|##        | 6/30"]}, sys.stderr)
+    route({"pid": "raylet", "is_err": False, "lines": ["Task f failed. Error: Traceback (most recent call last):\n  File ..."]}, sys.stdout)
+    route({"pid": 9, "ip": "10.0.0.1", "is_err": True, "actor_name": "TrainController", "lines": [
+        "2026-01-01 10:00:00,000\tERROR controller.py:120 -- Training failed.", "Traceback (most recent call last):",
+        '  File "x.py", line 1, in f', "ray.train.WorkerGroupError: 1 worker failed", "2026-01-01 10:00:01,000\tINFO x.py:1 -- done"]}, sys.stderr)
+    assert printed == [["toy:  10%|#         | 3/30"], ["toy:  20%|##        | 6/30"], ["2026-01-01 10:00:01,000\tINFO x.py:1 -- done"]]
+    text = (tmp_path / "distill.log").read_text()
+    assert "ValueError: model.critic_path=/x: bad" in text and "RuntimeError: boom" in text and "Task f failed" in text
+    assert "Training failed." in text and "WorkerGroupError" in text
+    assert "[RayTrainWorker pid=7 ip=10.0.0.2]" in text
+
+
+def test_a_broken_teacher_folder_fails_before_ray_starts(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red square moving left, fast\n")
+    teacher = wrong_shape_teacher(tmp_path / "teacher")
     result = run_job("preprocess.py", [
-        *TINY_PREPROCESS, f"model.teacher_path={tmp_path}/nope", f"data.prompts={prompts}", f"data.output={tmp_path}/out",
+        *TINY_PREPROCESS, f"model.teacher_path={teacher}", f"data.prompts={prompts}", f"data.output={tmp_path}/out",
         "tracking.tracking_uri=none", "ray.address=127.0.0.1:1",  # no Ray there: the check must come first
     ], tmp_path / "logs")
-    assert result.returncode == 2 and error_line(result).startswith(f"error: model.teacher_path={tmp_path}/nope: no such file")
+    assert result.returncode == 2 and error_line(result).startswith(
+        f"error: model.teacher_path={teacher}: config.json does not match the weights beside it: 6 tensors of another "
+        "shape (e.g. blocks.0.ffn.net.0.proj.bias: [64] in the weights, [128] expected)"
+    ), result.stderr[-3000:]
+
+
+def test_weights_that_do_not_fit_their_arch_are_named_on_the_driver_with_the_arch_to_set(tmp_path):
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in CausalWanModel(**WAN_CONFIGS["tiny"]).state_dict().items()}
+    student, critic = tmp_path / "student.safetensors", tmp_path / "critic.pt"
+    save_file(state, student)
+    # a Self-Forcing-style checkpoint: original Wan keys, wrapped and prefixed
+    torch.save({"generator_ema": {f"model.{k}": v for k, v in diffusers_to_original(state).items()}}, critic)
+    cfg = ModelConfig(student_path=str(student), student_arch="toy", critic_path=str(critic), critic_arch="toy-debug")
+    with pytest.raises(ValueError, match=(
+        rf"^model.student_path={student}: the weights are not a 'toy' \(model.student_arch\): 69 tensors of another "
+        r"shape \(e.g. blocks.0.attn1.norm_k.weight: \[24\] in the weights, \[192\] expected\), 54 missing \(e.g. "
+        r"blocks.2.scale_shift_table\); set model.student_arch=tiny$"
+    )):
+        check_weights(cfg, "student_path")
+    with pytest.raises(ValueError, match=rf"^model.critic_path={critic}: the weights are not a 'toy-debug' .*; set model.critic_arch=tiny$"):
+        check_weights(cfg, "critic_path")
+    check_weights(dataclasses.replace(cfg, student_arch="tiny"), "student_path")
+    check_weights(dataclasses.replace(cfg, critic_arch="tiny"), "critic_path")
+    with pytest.raises(FileNotFoundError, match=f"^model.student_init_path={tmp_path}/nope: no such file or directory$"):
+        check_weights(ModelConfig(student_init_path=f"{tmp_path}/nope"), "student_init_path")
+    # No path: the role starts from the teacher, which must then be of the role's architecture.
+    with pytest.raises(ValueError, match=r"^model.critic_path is empty, so the critic starts from the teacher's weights, but the teacher is not a 'toy'"):
+        check_weights(ModelConfig(critic_arch="toy"), "critic_path")
+
+    # The jobs' driver checks run it.
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square moving left, fast\n")
+    with pytest.raises(ValueError, match=rf"^model.teacher_path={student}: the weights are not a 'toy' \(model.teacher_arch\)"):
+        preprocess.preflight(_config(str(prompts), str(tmp_path / "out"), **{"model.teacher_path": str(student), "model.teacher_arch": "toy"}))
+    with pytest.raises(ValueError, match=rf"^--checkpoint={student}: the weights are not a 'toy' \(model.student_arch\).*; set model.student_arch=tiny$"):
+        generate.preflight(str(student), str(prompts), str(tmp_path / "videos"), "toy")
+
+
+def test_a_failed_or_interrupted_pretrain_ends_its_mlflow_run_failed_or_killed(tmp_path, monkeypatch):
+    from jobs import pretrain_teacher
+    from tests.test_pretrain import SMALL
+
+    real = pretrain_teacher.flow_matching_loss
+    for error, status in ((RuntimeError("CUDA out of memory"), "FAILED"), (failures.Interrupted("SIGTERM; stopped", signal.SIGTERM), "KILLED")):
+        steps = []
+
+        def loss_then_fail(*args, error=error, steps=steps, **kwargs):  # the third step fails
+            steps.append(1)
+            if len(steps) == 3:
+                raise error
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(pretrain_teacher, "flow_matching_loss", loss_then_fail)
+        uri = f"sqlite:///{tmp_path}/{status}.db"
+        cfg, args = parse("test", ["--config", "configs/toy_teacher.yaml", f"pretrain.output={tmp_path / status}", "pretrain.steps=10",
+                                   *SMALL, f"tracking.tracking_uri={uri}"], extra=pretrain_teacher.extra_args)
+        with pytest.raises(type(error)):
+            pretrain_teacher.main(cfg, args)
+        assert run_statuses(uri) == [status]
 
 
 def test_malformed_yaml_is_one_line_with_file_and_line(tmp_path):
