@@ -177,7 +177,9 @@ class CriticActor:
     async def _collect(self, kind: str, step: int, sender: int, piece: Wire, compute) -> Any:
         if self.critic is None:
             raise RuntimeError(f"critic actor {self.rank} is not in a formed group (restarted after a failure?)")
-        state = self.rounds.setdefault((kind, step), _Round(result=asyncio.get_running_loop().create_future()))
+        state = self.rounds.get((kind, step))
+        if state is None:
+            state = self.rounds[(kind, step)] = _Round(result=asyncio.get_running_loop().create_future())
         state.pieces[sender] = piece
         if len(state.pieces) == len(self.senders):
             del self.rounds[(kind, step)]

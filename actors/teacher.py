@@ -81,10 +81,12 @@ class TeacherScoreActor:
         self.negative, self.guidance = negative.to(self.device), guidance
         self.calls = 0
 
-    def real_x0(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        inputs = (v.to(self.device) for v in (x_t, t, text))
+    def real_x0(self, x_t: np.ndarray, t: np.ndarray, text: np.ndarray) -> np.ndarray:
+        """Arrays in and out: Ray hands large numpy arguments and results through its object store,
+        read without a copy, where torch tensors would be pickled."""
+        inputs = (torch.from_numpy(np.array(v)).to(self.device) for v in (x_t, t, text))  # np.array: writable
         self.calls += 1
-        return teacher_real_x0(self.teacher, self.negative, self.guidance, *inputs).cpu()
+        return teacher_real_x0(self.teacher, self.negative, self.guidance, *inputs).cpu().numpy()
 
     def served(self) -> int:
         """Calls served since this actor (re)started."""
@@ -102,8 +104,8 @@ class TeacherScoreActor:
 class PendingScore:
     """A real score in flight on one actor of the pool."""
 
-    def __init__(self, pool: TeacherPool, args: tuple[torch.Tensor, ...], actor: int) -> None:
-        self.pool, self.args, self.actor = pool, args, actor
+    def __init__(self, pool: TeacherPool, args: tuple[np.ndarray, ...], actor: int, device: torch.device) -> None:
+        self.pool, self.args, self.actor, self.device = pool, args, actor, device
         self.ref = pool.actors[actor].real_x0.remote(*args)
 
     def result(self) -> torch.Tensor:
@@ -112,7 +114,7 @@ class PendingScore:
 
         for attempt in range(len(self.pool.actors) + 1):
             try:
-                return ray.get(self.ref)
+                return torch.from_numpy(np.array(ray.get(self.ref))).to(self.device)  # on the caller's device
             except RayActorError as err:
                 if attempt == len(self.pool.actors):
                     raise
@@ -151,7 +153,8 @@ class TeacherPool:
         with self._lock:
             index = (self._calls + _rank()) % len(self.actors)
             self._calls += 1
-        return PendingScore(self, (x_t.detach().cpu(), t.detach().cpu(), text.detach().cpu()), index)
+        arrays = tuple(v.detach().float().cpu().numpy() for v in (x_t, t, text))
+        return PendingScore(self, arrays, index, x_t.device)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"actors": self.actors}

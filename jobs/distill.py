@@ -25,17 +25,15 @@ from pipeline.config import Config  # noqa: E402
 
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
-    import ray
-
     from pipeline import trainer
+    from pipeline.failures import init_ray
 
     if args.export:
         print(f"exported: {trainer.export_latest(cfg, 'distill')}")
         return
     trainer.preflight(cfg, "distill")
     cfg = trainer.with_absolute_paths(cfg)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or None)
+    init_ray(cfg.ray.address)  # Ray's worker tracebacks go to the job's log, not above its one error line
     with trainer.actor_roles(cfg, "distill") as (teacher, critic):
         summary = trainer.launch(cfg, "distill", teacher, critic)
     print(trainer.summary_text(summary))

@@ -22,16 +22,14 @@ from pipeline.config import Config  # noqa: E402
 
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
-    import ray
-
     from pipeline import trainer
+    from pipeline.failures import init_ray
 
     if args.export:
         print(f"exported: {trainer.export_latest(cfg, 'ode_init')}")
         return
     trainer.preflight(cfg, "ode_init")
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or None)
+    init_ray(cfg.ray.address)  # Ray's worker tracebacks go to the job's log, not above its one error line
     print(trainer.summary_text(trainer.launch(cfg, "ode_init")))
 
 

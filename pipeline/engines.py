@@ -66,6 +66,10 @@ class DeepSpeedOptimised:
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
     def full_state(self) -> dict[str, torch.Tensor]:
-        """Every parameter and buffer at full size, as fp32 CPU copies (for the EMA and exports)."""
+        """Every parameter and buffer at full size in fp32 on the CPU, for reading (the EMA, samples,
+        exports). Under ZeRO-3 these are copies (the gathered parameters are released on return);
+        otherwise fp32 CPU parameters come back as they are, without a copy of the whole model per
+        generator step."""
         with self.gathered():
-            return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+            state = {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
+            return {k: v.clone() for k, v in state.items()} if self.zero_stage == 3 else state

@@ -543,10 +543,15 @@ def preflight(cfg: Config, mode: Mode) -> None:
             f"data.output={cfg.data.output} holds latents of shape {list(info.latent.shape)}, the config asks for "
             f"{list(expected)} (model.num_latent_frames, model.latent_height, model.latent_width)"
         )
-    for key in ("teacher_path", "student_init_path" if mode == "ode_init" else "student_path", "critic_path", "text_encoder_path"):
-        path = getattr(cfg.model, key)
-        if path and not fsspec.core.url_to_fs(path)[0].exists(fsspec.core.url_to_fs(path)[1]):
-            raise FileNotFoundError(f"model.{key}={path}: no such file or directory")
+    from pipeline.models.loading import check_weights
+
+    for key in ("teacher_path", "student_init_path" if mode == "ode_init" else "student_path"):
+        check_weights(cfg.model, key)  # exists; a single file fits model.*_arch; an empty path: the teacher fits the arch
+    if mode == "distill" or cfg.model.critic_path:  # ODE init builds no critic
+        check_weights(cfg.model, "critic_path")
+    path = cfg.model.text_encoder_path
+    if path and not fsspec.core.url_to_fs(path)[0].exists(fsspec.core.url_to_fs(path)[1]):
+        raise FileNotFoundError(f"model.text_encoder_path={path}: no such file or directory")
 
 
 def student_latent_channels(cfg: Config, mode: Mode) -> int:

@@ -54,6 +54,13 @@ def test_one_critic_actor_serving_two_workers_equals_plain_loop(ray_local, tiny_
     checkpoint = Path(result.checkpoint.path)
     assert checkpoint.name == "checkpoint_00000005"
     assert any(p.name.startswith("mp_rank_00_model") for p in (checkpoint / "critic").iterdir())
+    # A job that died while writing a later checkpoint leaves a directory Ray Train never registered:
+    # it is not picked (a resume restores from Ray's own record; exports ask the same record).
+    half = checkpoint.parent / trainer.checkpoint_name(9)
+    (half / "critic").mkdir(parents=True)
+    for name in (trainer.STATE_FILE, trainer.WEIGHTS_FILE):
+        (half / name).write_bytes((checkpoint / name).read_bytes()[:10])
+    assert trainer.latest_checkpoint(cfg, "distill") == str(checkpoint)
 
 
 def test_two_critic_actors_relaunched_on_s3_continue_exactly(ray_local, tiny_data, s3_server, tmp_path):
@@ -65,6 +72,7 @@ def test_two_critic_actors_relaunched_on_s3_continue_exactly(ray_local, tiny_dat
     assert [h["step"] for h in history_of(stopped)] == [0, 1, 2]
     again = actors_config(tiny_data, storage, "relaunched", 2)
     resumed, _ = fit_with_group(again)
+    assert resumed.checkpoint.path.startswith(storage.removeprefix("s3://"))  # on the S3 server
     history = history_of(resumed)
     assert [h["step"] for h in history] == list(range(5))
     assert_same_losses(history, plain_history(again, batches_read(history, again.data.output)))

@@ -108,8 +108,10 @@ def test_ode_init_then_distill_by_ray_job_submit_then_generate(ray_cluster, tmp_
 
 def test_dry_run_prints_the_resource_plan_and_starts_nothing(tmp_path):
     config = job_config(tmp_path, "plan")
-    log = run_job("jobs/distill.py", "--config", str(config), "--dry-run", "ray.teacher_actors=2")
+    log = run_job("jobs/distill.py", "--config", str(config), "--dry-run", "ray.teacher_actors=2",
+                  "ray.critic_placement=actors", "ray.critic_actors=1", "ray.critic_resources={CPU: 0.5, critic_gpu: 1}")
     assert "plan:" in log and "2 teacher actor(s) (CPU=0.5 each)" in log and "DeepSpeed ZeRO-2" in log
+    assert "1 critic actor(s) (CPU=0.5, critic_gpu=1 each)" in log
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
