@@ -27,13 +27,15 @@ settings and of the stages before it; a rerun with the same settings reuses it, 
 half-way resumes as its job does (preprocessing skips rows written, training resumes from its last
 checkpoint, generation skips clips made). A stage whose settings changed runs again: training jobs then
 continue their run (more steps continue it; other changes need a new --out). A failure prints one line,
-naming the stage and its log (OUT/logs/<stage>.log: the stage's output and the traceback).
+naming the stage and its log (OUT/logs/<stage>.log: the stage's output and the traceback; Ray workers'
+tracebacks go to OUT/logs/quickstart-*.log, as every job's do).
 
 Overrides are `[stage.]section.key=value`: `distill.train.steps=800` sets one stage's config, and
 `ray.address=auto` every config-driven stage's (preprocess, ode_init, distill, generate). Placement is
 chosen in the distill stage's `ray` section: `distill.ray.teacher_actors` (1: the teacher on a Ray actor,
 the toy default; 0: inside the Train worker) and `distill.ray.critic_placement` (`trainer`: the critic's
-engine inside the Train worker, today's only choice).
+engine inside the Train worker, the toy default; `actors`: a critic actor group of
+`distill.ray.critic_actors`, each with `distill.ray.critic_resources`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ from pipeline.failures import (  # noqa: E402
     end_open_mlflow_run,
     install_signal_handlers,
     interrupt_signal,
+    log_path as job_log_path,
+    quiet_ray_output,
     write_log,
 )
 
@@ -271,6 +275,7 @@ class Runner:
         if ray.is_initialized():
             return
         ray.init(address=self.address or os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
+        quiet_ray_output()  # as every job: Ray workers' tracebacks go to a log file, not to the terminal
         ray.data.DataContext.get_current().enable_progress_bars = False  # each stage shows its own bar
         self.ray_started = True
 
@@ -307,6 +312,8 @@ class Runner:
                 result = body(marker.parent, changed)
             except BaseException as err:  # noqa: BLE001 - recorded, then reported as one line by main
                 log.write("".join(traceback.format_exception(err)))
+                if job_log_path().exists():
+                    log.write(f"Ray workers' tracebacks and Ray's error records: {job_log_path()}\n")
                 if interrupt_signal(err) is not None:
                     raise
                 raise StageFailed(stage, log_path, err) from err
@@ -636,6 +643,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     install_signal_handlers()
     settings.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("ONEFORCE_LOG_DIR", str(settings.path("logs")))  # pipeline/failures.py's logs, beside the stages'
     runner = Runner(settings, settings.config("preprocess").ray.address)
     started = time.perf_counter()
     try:
