@@ -290,7 +290,9 @@ def interrupt_signal(err: BaseException) -> int | None:
         return err.signum
     if isinstance(err, KeyboardInterrupt):
         return signal.SIGINT
-    if isinstance(err, SystemExit) and err.code in (signal.SIGTERM, signal.SIGINT):
+    # Only SIGTERM's number: exit code 2 (bad input) is also SIGINT's, and Ctrl-C arrives as
+    # KeyboardInterrupt (or as Ray Train's exit, which `trainer.fit` turns into `Interrupted`).
+    if isinstance(err, SystemExit) and err.code == signal.SIGTERM:
         return int(err.code)
     return None
 

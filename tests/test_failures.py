@@ -348,3 +348,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_exit_code_2_is_bad_input_not_an_interrupt():
+    """SIGINT's number is also the bad-input exit code: only SIGTERM's SystemExit (how `ray.init`'s
+    handler stops a job) counts as a signal."""
+    import signal
+
+    from pipeline.failures import interrupt_signal, run_status
+
+    assert interrupt_signal(SystemExit(2)) is None and run_status(SystemExit(2)) == "FAILED"
+    assert interrupt_signal(SystemExit(signal.SIGTERM)) == signal.SIGTERM and run_status(SystemExit(signal.SIGTERM)) == "KILLED"
+    assert interrupt_signal(KeyboardInterrupt()) == signal.SIGINT
