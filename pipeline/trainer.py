@@ -333,7 +333,9 @@ def with_absolute_paths(cfg: Config) -> Config:
 
     model = dataclasses.replace(cfg.model, **{k: absolute(getattr(cfg.model, k)) for k in (
         "teacher_path", "student_init_path", "student_path", "critic_path", "text_encoder_path", "codec")})
-    return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, output=absolute(cfg.data.output)))
+    # The run directory too: the workers and the critic actors name checkpoint directories by it.
+    train = dataclasses.replace(cfg.train, storage_path=storage_root(cfg), export_path=absolute(cfg.train.export_path))
+    return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, output=absolute(cfg.data.output)), train=train)
 
 
 def ray_storage(root: str):

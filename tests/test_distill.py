@@ -252,3 +252,15 @@ def test_ema_is_fp32_and_starts_from_the_weights_at_ema_start_step(tiny_data, tm
     for name, value in ctx.ema.state.items():
         assert value.dtype == torch.float32
         assert torch.allclose(value, 0.9 * weights[0][name] + 0.1 * weights[1][name], atol=1e-7)
+
+
+def test_relative_paths_reach_workers_and_actors_absolute(tmp_path, monkeypatch):
+    """Train workers and critic actors run in other directories: the run directory they write
+    checkpoints into must not depend on their working directory."""
+    monkeypatch.chdir(tmp_path)
+    cfg = trainer.with_absolute_paths(load_config(None, ["train.storage_path=runs", "data.output=data", "train.export_path=out",
+                                                         "model.teacher_path=s3://bucket/teacher"]))
+    monkeypatch.chdir("/")
+    assert trainer.run_dir(cfg, "distill") == str(tmp_path / "runs" / "default" / "distill")
+    assert (cfg.data.output, cfg.train.export_path) == (str(tmp_path / "data"), str(tmp_path / "out"))
+    assert cfg.model.teacher_path == "s3://bucket/teacher"
