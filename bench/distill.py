@@ -6,8 +6,20 @@ Both train the toy architecture (teacher, student and critic from the same rando
 configs/toy_distill.yaml's shapes: 9 latent frames of 8x8, one step per block) on the same synthetic
 dataset for the same steps. Throughput is steps per second of wall time between the end of step
 `--warmup` and the last step (Ray and DeepSpeed start-up excluded: paid once per run, not per step);
-memory is the peak RSS of the plain process against the Train worker's plus the teacher actor's.
 Rounds alternate (plain, Ray, plain, Ray, ...) and the ratio of medians is printed.
+
+Memory compares the plain process with the Train worker plus the teacher actor (Ray's own processes,
+the same for any job, are shown but not counted). Four measures, the first as the processes report it,
+the others sampled from /proc every `--sample-every` seconds (peak over the samples of the group's sum):
+    peak RSS   ru_maxrss of each process, summed: counts a page shared by both processes (libtorch's
+               and the other libraries' code) twice
+    PSS        each shared page split between the processes that map it, the driver and unrelated
+               processes on the box included, so it undercounts by an amount that depends on the box
+    USS        pages only this process maps (private); shared pages not counted at all
+    distinct   the distinct physical pages resident in the group (from /proc/<pid>/pagemap; needs root
+               to read frame numbers, else shown as n/a): the memory the group occupies
+`--env KEY=VALUE` sets an environment variable in the plain process and every Ray process (ray.init's
+runtime_env), e.g. glibc's MALLOC_ARENA_MAX=2.
 
     python bench/distill.py                  # 2 rounds of 40 steps, batch 4
 """
@@ -15,17 +27,123 @@ Rounds alternate (plain, Ray, plain, Ray, ...) and the ratio of medians is print
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
+import os
 import statistics
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import ray
+import numpy as np
+import psutil
 import torch
 
 from pipeline import data, distill, trainer
 from pipeline.config import Config, load_config
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory of a group of processes
+# ----------------------------------------------------------------------------------------------------
+
+MEASURES = ("rss", "pss", "uss", "distinct")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rollup_mb(pid: int) -> dict[str, float] | None:
+    """RSS, PSS and USS (Private_Clean + Private_Dirty) of a process, in MB; None once it has gone."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    kib = {key.rstrip(":"): int(value) for key, value, *_ in (line.split() for line in lines)}
+    return {"rss": kib["Rss"] / 1024, "pss": kib["Pss"] / 1024, "uss": (kib["Private_Clean"] + kib["Private_Dirty"]) / 1024}
+
+
+def resident_frames(pid: int) -> np.ndarray | None:
+    """The physical frame numbers of a process's resident pages; None once it has gone or when the
+    kernel hides frame numbers (they read as 0 without CAP_SYS_ADMIN)."""
+    frames = []
+    try:
+        with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
+            for line in maps:
+                span, perms, *rest = line.split()
+                if perms.startswith("---") or rest[-1] == "[vsyscall]":  # guard regions hold no pages
+                    continue
+                start, end = (int(address, 16) // PAGE for address in span.split("-"))
+                pagemap.seek(start * 8)
+                entries = np.frombuffer(pagemap.read((end - start) * 8), dtype=np.uint64)
+                frames.append(entries[entries >> np.uint64(63) == 1] & np.uint64((1 << 55) - 1))
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    frames = np.concatenate(frames) if frames else np.zeros(0, np.uint64)
+    return None if len(frames) and not frames.any() else frames
+
+
+class MemorySampler:
+    """Samples groups of processes (`groups()`: name -> pids, looked up again at every sample) in a
+    thread every `period` seconds, keeping the peak of each group's summed RSS, PSS, USS and, for the
+    groups in `distinct`, distinct pages, in MB (`peaks[group][measure]`, None where not measured or
+    where frame numbers are hidden)."""
+
+    def __init__(self, groups: Callable[[], dict[str, list[int]]], period: float, distinct: set[str]) -> None:
+        self.groups, self.period, self.distinct = groups, period, distinct
+        self.peaks: dict[str, dict[str, float | None]] = {}
+        self.cpu_s = 0.0  # the sampler's own CPU time, which the timed steps share
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            started = time.thread_time()
+            groups = self.groups()
+            pids = {pid for name, group in groups.items() for pid in group}
+            rollups = {pid: rollup_mb(pid) for pid in pids}
+            frames = {pid: resident_frames(pid) for name, group in groups.items() if name in self.distinct for pid in group}
+            for name, group in groups.items():
+                self._sample(name, [rollups[pid] for pid in group if rollups[pid] is not None],
+                             [frames[pid] for pid in group] if name in self.distinct else [None])
+            self.cpu_s += time.thread_time() - started
+
+    def _sample(self, name: str, rollups: list[dict[str, float]], frames: list[np.ndarray | None]) -> None:
+        if not rollups:
+            return
+        sample: dict[str, float | None] = {m: sum(r[m] for r in rollups) for m in ("rss", "pss", "uss")}
+        sample["distinct"] = None if any(f is None for f in frames) else len(np.unique(np.concatenate(frames))) * PAGE / 2**20
+        peak = self.peaks.setdefault(name, sample)
+        for m, value in sample.items():
+            peak[m] = None if value is None or peak[m] is None else max(peak[m], value)
+
+
+def ray_groups() -> dict[str, list[int]]:
+    """This driver's Ray processes by role: the Train worker, the teacher actor, and Ray's own (raylet,
+    GCS, the Train controller, Ray Data's and Train's helper actors, idle workers)."""
+    groups: dict[str, list[int]] = {"worker": [], "teacher": [], "ray": []}
+    for process in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        if title.startswith("ray::RayTrainWorker"):
+            groups["worker"].append(process.pid)
+        elif title.startswith("ray::TeacherScoreActor"):
+            groups["teacher"].append(process.pid)
+        elif title.startswith("ray::") or "/ray/" in title:  # not multiprocessing's resource tracker
+            groups["ray"].append(process.pid)
+    groups["worker + teacher"] = groups["worker"] + groups["teacher"]
+    return groups
 
 
 def write_dataset(out: str, rows: int) -> None:
@@ -69,53 +187,99 @@ def plain_round(cfg: Config, warmup: int, threads: int, queue) -> None:
     queue.put((steps_per_second(times, warmup), trainer.peak_rss_mb()))
 
 
-def ray_round(cfg: Config, warmup: int) -> tuple[float, float, float]:
+@dataclass
+class Round:
+    steps_per_s: float
+    peak_rss: dict[str, float]  # process -> its own ru_maxrss, MB
+    sampled: dict[str, dict[str, float | None]]  # group -> measure -> peak over the samples, MB
+    sampler_cpu_s: float
+
+
+def run_plain(cfg: Config, args: argparse.Namespace) -> Round:
+    queue = mp.get_context("spawn").Queue()
+    child = mp.get_context("spawn").Process(target=plain_round, args=(cfg, args.warmup, args.threads, queue))
+    child.start()
+    with MemorySampler(lambda: {"plain": [child.pid]}, args.sample_every, {"plain"}) as sampler:
+        speed, rss = queue.get()
+    child.join()
+    return Round(speed, {"plain": rss}, sampler.peaks, sampler.cpu_s)
+
+
+def run_ray(cfg: Config, args: argparse.Namespace) -> Round:
+    import ray
+
     from actors.teacher import TeacherPool
 
-    pool = TeacherPool.start(cfg, data.read_negative_prompt(cfg.data.output))
-    try:
-        result = trainer.fit(cfg, "distill", pool)
-        teacher_rss = ray.get(pool.actors[0].peak_rss_mb.remote())
-    finally:
-        pool.shutdown()
+    with MemorySampler(ray_groups, args.sample_every, {"worker", "teacher", "worker + teacher"}) as sampler:
+        pool = TeacherPool.start(cfg, data.read_negative_prompt(cfg.data.output))
+        try:
+            result = trainer.fit(cfg, "distill", pool)
+            teacher_rss = ray.get(pool.actors[0].peak_rss_mb.remote())
+        finally:
+            pool.shutdown()
     with result.checkpoint.as_directory() as directory:
-        import json
-
         history = json.loads((Path(directory) / trainer.STATE_FILE).read_text())["history"]
-    worker_rss = history[-1]["peak_rss_mb"]
-    return steps_per_second([h["time"] for h in history], warmup), worker_rss + teacher_rss, teacher_rss
+    speed = steps_per_second([h["time"] for h in history], args.warmup)
+    return Round(speed, {"worker": history[-1]["peak_rss_mb"], "teacher": teacher_rss}, sampler.peaks, sampler.cpu_s)
+
+
+ROWS = {"plain": "plain loop", "worker + teacher": "worker + teacher actor", "worker": "  Train worker",
+        "teacher": "  teacher actor", "ray": "Ray's own processes (not counted)"}
+
+
+def print_round(index: int, plain: Round, dist: Round) -> None:
+    print(f"round {index}: plain {plain.steps_per_s:.2f} steps/s, {plain.peak_rss['plain']:.0f} MB; "
+          f"Ray Train + DeepSpeed + teacher actor {dist.steps_per_s:.2f} steps/s, {sum(dist.peak_rss.values()):.0f} MB "
+          f"(of which the teacher actor {dist.peak_rss['teacher']:.0f} MB)")
+    print(f"  sampled peaks, MB {'':18} {'RSS':>6} {'PSS':>6} {'USS':>6} {'distinct':>8}")
+    for group, label in ROWS.items():
+        peaks = {**plain.sampled, **dist.sampled}.get(group)
+        if peaks:
+            cells = [f"{peaks[m]:{8 if m == 'distinct' else 6}.0f}" if peaks[m] is not None else "     n/a" for m in MEASURES]
+            print(f"    {label:34} {' '.join(cells)}")
+
+
+def ratio(distributed: list[float | None], plain: list[float | None]) -> str:
+    if None in distributed or None in plain:
+        return "n/a"
+    return f"{statistics.median(distributed) / statistics.median(plain):.2f}x"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the plain loop (the Train worker and the "
                         "teacher actor get Ray's one each)")
+    parser.add_argument("--sample-every", type=float, default=1.0, help="seconds between memory samples")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment of the plain process and of every Ray process (repeatable)")
     args = parser.parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    import ray  # here, not at the top: the plain loop's process (which imports this module) needs no Ray
+
+    env = dict(kv.split("=", 1) for kv in args.env)
+    os.environ.update(env)  # the plain loop's spawned process inherits it
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         write_dataset(f"{tmp}/data", rows=4 * args.batch)
         plain, distributed = [], []
         for round_ in range(args.rounds):
             cfg = bench_config(f"{tmp}/data", f"{tmp}/runs", f"round{round_}", args)
-            queue = mp.get_context("spawn").Queue()
-            child = mp.get_context("spawn").Process(target=plain_round, args=(cfg, args.warmup, args.threads, queue))
-            child.start()
-            plain.append(queue.get())
-            child.join()
-            distributed.append(ray_round(cfg, args.warmup))
-            print(f"round {round_}: plain {plain[-1][0]:.2f} steps/s, {plain[-1][1]:.0f} MB; "
-                  f"Ray Train + DeepSpeed + teacher actor {distributed[-1][0]:.2f} steps/s, {distributed[-1][1]:.0f} MB "
-                  f"(of which the teacher actor {distributed[-1][2]:.0f} MB)")
-    speed = statistics.median(d[0] for d in distributed) / statistics.median(p[0] for p in plain)
-    memory = statistics.median(d[1] for d in distributed) / statistics.median(p[1] for p in plain)
+            plain.append(run_plain(cfg, args))
+            distributed.append(run_ray(cfg, args))
+            print_round(round_, plain[-1], distributed[-1])
+    speed = statistics.median(d.steps_per_s for d in distributed) / statistics.median(p.steps_per_s for p in plain)
+    memory = ratio([sum(d.peak_rss.values()) for d in distributed], [p.peak_rss["plain"] for p in plain])
+    sampled = {m: ratio([d.sampled["worker + teacher"][m] for d in distributed], [p.sampled["plain"][m] for p in plain]) for m in MEASURES}
     print(f"toy arch, batch {args.batch}, {args.steps} steps ({args.warmup} warm-up), plain loop on {args.threads} "
-          f"torch thread(s), median of {args.rounds} rounds")
+          f"torch thread(s), median of {args.rounds} rounds" + (f", environment {' '.join(args.env)}" if env else ""))
     print(f"steps/s distributed / plain: {speed:.2f}x (target >= 0.8)")
-    print(f"peak RSS distributed (worker + teacher actor) / plain: {memory:.2f}x (target <= 1.5)")
+    print(f"peak RSS distributed (worker + teacher actor) / plain: {memory} (target <= 1.5)")
+    print(f"sampled peaks distributed / plain: summed RSS {sampled['rss']}, summed PSS {sampled['pss']}, summed USS "
+          f"{sampled['uss']}, distinct pages {sampled['distinct']} (target <= 1.5 on distinct pages)")
+    print(f"memory sampler: {args.sample_every:g} s period, {sum(r.sampler_cpu_s for r in plain + distributed):.1f} s CPU in all")
 
 
 if __name__ == "__main__":
