@@ -32,7 +32,6 @@ runs/claims/claims.json and runs/claims/claims.md (the tables printed at the end
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -227,7 +226,7 @@ def adopt(settings: qs.Settings, source: Path) -> None:
         return
     pre, ode = settings.config("preprocess"), settings.config("ode_init")
     other = qs.Settings(out=source, fast=settings.fast, overrides=settings.overrides)
-    theirs_pre, theirs_ode = other.config("preprocess"), other.config("ode_init")
+    theirs_ode = other.config("ode_init")
     export = Path(trainer.export_path(theirs_ode, "ode_init"))
     problems = []
     info = json.loads((source / "data" / "_dataset.json").read_text()) if (source / "data" / "_dataset.json").exists() else {}

@@ -6,7 +6,7 @@
 
 `strip` reads the clips bench/claims.py graded (runs/claims/videos/: the teacher's multi-step sampler, the
 One-Forcing and the DMD-only students of one seed, all from noise seed 777) and lays out, for a few
-prompts spread over the grammar, one row per model and one column per frame (4x nearest upscaling).
+prompts that differ in colour, shape, direction and speed, one row per model and one column per frame (4x nearest upscaling).
 
 `mlflow` starts a real `mlflow ui` on the quickstart's store (runs/quickstart/mlflow.db unless --store),
 opens the distillation run's metric charts in headless Chromium (the Debian `chromium` package), driven
@@ -46,6 +46,17 @@ def manifest(videos: Path) -> dict[str, Path]:
     return {row["prompt"]: videos / row["path"] for row in rows}
 
 
+def varied(prompts: list[str], count: int) -> list[str]:
+    """`count` prompts that share as few words as possible (colour, shape, direction, speed), in file order
+    on ties: the strip shows the grammar, not four circles moving up."""
+    chosen: list[str] = []
+    for _ in range(min(count, len(prompts))):
+        used = {word for prompt in chosen for word in prompt.replace(",", "").split()}
+        rest = [p for p in prompts if p not in chosen]
+        chosen.append(max(rest, key=lambda p: len(set(p.replace(",", "").split()) - used)))
+    return chosen
+
+
 def strip(videos: Path, seed: int, prompts: int, out: Path, scale: int = 4) -> Path:
     from PIL import Image, ImageDraw
 
@@ -56,7 +67,7 @@ def strip(videos: Path, seed: int, prompts: int, out: Path, scale: int = 4) -> P
     common = [p for p in models[0][0] if all(p in m for m, _ in models[1:])]
     if not common:
         raise SystemExit(f"no prompt is in all of {', '.join(f.format(seed=seed) for f, _ in ROWS)} under {videos}")
-    chosen = common[len(common) // (2 * prompts):: max(1, len(common) // prompts)][:prompts]
+    chosen = varied(common, prompts)
     label_width, header = 170, 18
     blocks = []
     for prompt in chosen:
