@@ -89,7 +89,7 @@ class Units:
         previous = json.loads(marker.read_text()) if marker.exists() else None
         if previous and previous["key"] == key:
             print(f"{name}: reused ({previous['seconds']:.0f} s when it ran)", flush=True)
-            return {**previous["result"], "key": key}
+            return {**previous["result"], "key": key, "seconds": previous["seconds"]}
         last_key = json.loads(started_file.read_text())["key"] if started_file.exists() else None
         log_path = self.out / "logs" / f"{name}.log"
         print(f"{name}: {what}   (log: {log_path})", flush=True)
@@ -108,7 +108,7 @@ class Units:
         qs.write_atomic(marker, json.dumps({"unit": name, "key": key, "seconds": seconds,
                                             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}, indent=1))
         print(f"{name}: finished in {seconds:.0f} s", flush=True)
-        return {**result, "key": key}
+        return {**result, "key": key, "seconds": seconds}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,7 +127,8 @@ def training_config(settings: qs.Settings, out: Path, mode: str, name: str, extr
 def history_summary(cfg: Config, mode: str) -> dict[str, Any]:
     """From the run's last registered checkpoint: final losses (mean of the last 10% of the steps that
     logged each), NaN or
-    infinite metrics, skipped updates, and the median seconds per step (step 0, which warms up, left out)."""
+    infinite metrics, skipped updates, and the mean and median seconds per step (step 0, which warms up,
+    left out; the mean is the cost of a step, generator steps included, the median that of a critic-only step)."""
     from pipeline import trainer
 
     checkpoint = trainer.latest_checkpoint(cfg, mode)
@@ -144,7 +145,8 @@ def history_summary(cfg: Config, mode: str) -> dict[str, Any]:
         "non_finite": sum(1 for _, v in numbers if not math.isfinite(v)),
         "critic_skipped": sum(r.get("critic_skipped", 0.0) for r in history),
         "generator_skipped": sum(r.get("generator_skipped", 0.0) for r in history),
-        "s_per_step": statistics.median(r["s_per_step"] for r in history[1:] or history),
+        "s_per_step": statistics.fmean(r["s_per_step"] for r in history[1:] or history),  # the run's cost per step
+        "s_per_step_median": statistics.median(r["s_per_step"] for r in history[1:] or history),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in history),
         "checkpoint": checkpoint,
     }
@@ -318,6 +320,7 @@ def run_all(args: argparse.Namespace, out: Path, shared: Path) -> dict[str, Any]
 
             run = units.run(f"distill-{variant}-s{seed}", [cfg.to_dict(), start["key"]], train,
                             f"{variant}, seed {seed}, {args.steps} steps -> {trainer.run_dir(cfg, 'distill')}", ray=True)
+            run = {**run, **history_summary(cfg, "distill")}  # read again: a reused run gets today's summary
             results["runs"][f"{variant}-s{seed}"] = {"variant": variant, "seed": seed, "overrides": VARIANTS[variant], **run}
             for schedule in SCHEDULES.get(variant, (None,)):
                 label = f"{variant}-s{seed}" + (f"-{schedule}" if schedule else "")
@@ -371,6 +374,15 @@ def tables(r: dict[str, Any]) -> str:
     def row(label: str, variant: str, keys: tuple[str, ...], schedule: str | None = None) -> str:
         return f"| {label} | " + " | ".join(spread(per_seed(r, variant, k, schedule)) for k in keys) + " |"
 
+    def paired(label: str, a: tuple[str, str | None], b: tuple[str, str | None], keys: tuple[str, ...]) -> str:
+        """a - b per seed (the same seed: the same data order, timesteps and noise draws in training)."""
+        cells = []
+        for k in keys:
+            both = [s for s in r["seeds"] if all(f"{v}-s{s}" + (f"-{sch}" if sch else "") in r["evals"] for v, sch in (a, b))]
+            value = lambda v, sch, s: r["evals"][f"{v}-s{s}" + (f"-{sch}" if sch else "")][k]  # noqa: E731
+            cells.append(spread([value(*a, s) - value(*b, s) for s in both]))
+        return f"| {label} | " + " | ".join(cells) + " |"
+
     def fixed(label: str, ev: dict[str, Any], keys: tuple[str, ...]) -> str:
         return f"| {label} | " + " | ".join(f"{ev[k]:.3f}" if k in ev else "-" for k in keys) + " |"
 
@@ -381,6 +393,7 @@ def tables(r: dict[str, Any]) -> str:
     lines.append(fixed("ODE init (the starting point)", r["evals"].get("ode_init-framewise", {}), QUALITY))
     lines.append(row("One-Forcing (DMD + GAN)", "oneforce", QUALITY))
     lines.append(row("DMD only", "dmd", QUALITY))
+    lines.append(paired("One-Forcing - DMD only, per seed", ("oneforce", None), ("dmd", None), QUALITY))
 
     lines += ["", "Claim 2: one-step One-Forcing vs the teacher's multi-step sampler (target: adherence >= 0.9x)", ""]
     ratios = [a / teacher["adherence"] for a in per_seed(r, "oneforce", "adherence")] if teacher.get("adherence") else []
@@ -409,6 +422,18 @@ def tables(r: dict[str, Any]) -> str:
     lines += head(cols4)
     for schedule in SCHEDULES["multistep"]:
         lines.append(row(f"multistep student, {schedule}", "multistep", keys4, schedule))
+    lines.append(paired("first4then1 - uniform, per seed", ("multistep", "first4then1"), ("multistep", "uniform"), keys4))
+
+    lines += ["", "Training cost of every variant (the run's history: mean s per step over steps 1.., generator steps included; the run's "
+              "wall time with Ray Train's start-up and the export; peak RSS of the Train worker)", ""]
+    lines += head(("s per step", "run wall time (s)", "peak RSS (MB)", "non-finite metrics", "skipped updates"))
+    for variant in VARIANTS:
+        runs = [r["runs"][f"{variant}-s{s}"] for s in r["seeds"] if f"{variant}-s{s}" in r["runs"]]
+        if runs:
+            lines.append(f"| {variant} | " + " | ".join([
+                spread([x["s_per_step"] for x in runs]), spread([x["seconds"] for x in runs if "seconds" in x], 0),
+                spread([x["peak_rss_mb"] for x in runs], 0), str(sum(x["non_finite"] for x in runs)),
+                f"{sum(x['critic_skipped'] + x['generator_skipped'] for x in runs):g}"]) + " |")
     return "\n".join(lines)
 
 
