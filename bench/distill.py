@@ -1,14 +1,15 @@
 """Distillation step throughput and memory: Ray Train + DeepSpeed (ZeRO-2) + a teacher actor, one
 worker, colocated on this machine, against the plain single-process loop doing the same math
-(`pipeline.distill.plain_distill`: the same step functions, torch AdamW, an in-process teacher).
+(`pipeline.distill.plain_distill`: the same step functions, torch AdamW, an in-process teacher), with
+the critic in the Train worker (placement `trainer`) and on a critic actor of its own (`actors`).
 
 Both train the toy architecture (teacher, student and critic from the same random weights, as
 configs/toy_distill.yaml's shapes: 9 latent frames of 8x8, one step per block) on the same synthetic
 dataset for the same steps. Throughput is steps per second of wall time between the end of step
 `--warmup` and the last step (Ray and DeepSpeed start-up excluded: paid once per run, not per step);
-Rounds alternate (plain, Ray, plain, Ray, ...) and the ratio of medians is printed.
+Rounds alternate (plain, each placement, plain, ...) and the ratio of medians is printed per placement.
 
-Memory compares the plain process with the Train worker plus the teacher actor (Ray's own processes,
+Memory compares the plain process with the Train worker plus the actors (Ray's own processes,
 the same for any job, are shown but not counted). Four measures, the first as the processes report it,
 the others sampled from /proc every `--sample-every` seconds (peak over the samples of the group's sum):
     peak RSS   ru_maxrss of each process, summed: counts a page shared by both processes (libtorch's
@@ -21,7 +22,7 @@ the others sampled from /proc every `--sample-every` seconds (peak over the samp
 `--env KEY=VALUE` sets an environment variable in the plain process and every Ray process (ray.init's
 runtime_env), e.g. glibc's MALLOC_ARENA_MAX=2.
 
-    python bench/distill.py                  # 2 rounds of 40 steps, batch 4
+    PYTHONPATH=. python bench/distill.py     # 2 rounds of 40 steps, batch 4, both placements
 """
 
 from __future__ import annotations
@@ -128,9 +129,10 @@ class MemorySampler:
 
 
 def ray_groups() -> dict[str, list[int]]:
-    """This driver's Ray processes by role: the Train worker, the teacher actor, and Ray's own (raylet,
-    GCS, the Train controller, Ray Data's and Train's helper actors, idle workers)."""
-    groups: dict[str, list[int]] = {"worker": [], "teacher": [], "ray": []}
+    """This driver's Ray processes by role: the Train worker, the teacher actor, the critic actor (with
+    placement `actors`), and Ray's own (raylet, GCS, the Train controller, Ray Data's and Train's helper
+    actors, idle workers)."""
+    groups: dict[str, list[int]] = {"worker": [], "teacher": [], "critic": [], "ray": []}
     for process in psutil.Process().children(recursive=True):
         try:
             title = " ".join(process.cmdline())
@@ -140,9 +142,11 @@ def ray_groups() -> dict[str, list[int]]:
             groups["worker"].append(process.pid)
         elif title.startswith("ray::TeacherScoreActor"):
             groups["teacher"].append(process.pid)
+        elif title.startswith("ray::CriticActor"):
+            groups["critic"].append(process.pid)
         elif title.startswith("ray::") or "/ray/" in title:  # not multiprocessing's resource tracker
             groups["ray"].append(process.pid)
-    groups["worker + teacher"] = groups["worker"] + groups["teacher"]
+    groups["worker + actors"] = groups["worker"] + groups["teacher"] + groups["critic"]
     return groups
 
 
@@ -161,8 +165,9 @@ def write_dataset(out: str, rows: int) -> None:
     })
 
 
-def bench_config(dataset: str, storage: str, name: str, args: argparse.Namespace) -> Config:
+def bench_config(dataset: str, storage: str, name: str, args: argparse.Namespace, placement: str = "trainer") -> Config:
     return load_config("configs/toy_distill.yaml", [
+        f"ray.critic_placement={placement}", "ray.critic_actors=1", "ray.critic_resources={CPU: 0.5}",
         f"name={name}", f"data.output={dataset}", f"train.storage_path={storage}", "tracking.tracking_uri=none",
         "model.teacher_path=''", "model.student_path=''", "model.text_encoder_path=''", "model.codec=patch:4",
         f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}", f"train.batch_size={args.batch}",
@@ -206,35 +211,35 @@ def run_plain(cfg: Config, args: argparse.Namespace) -> Round:
 
 
 def run_ray(cfg: Config, args: argparse.Namespace) -> Round:
+    """One distributed run: the Train worker, the teacher actor and, with placement `actors`, the
+    critic actor, started as jobs/distill.py starts them."""
     import ray
 
-    from actors.teacher import TeacherPool
-
-    with MemorySampler(ray_groups, args.sample_every, {"worker", "teacher", "worker + teacher"}) as sampler:
-        pool = TeacherPool.start(cfg, data.read_negative_prompt(cfg.data.output))
-        try:
-            result = trainer.fit(cfg, "distill", pool)
-            teacher_rss = ray.get(pool.actors[0].peak_rss_mb.remote())
-        finally:
-            pool.shutdown()
+    measured = {"worker", "teacher", "critic", "worker + actors"}
+    with MemorySampler(ray_groups, args.sample_every, measured) as sampler:
+        with trainer.actor_roles(cfg, "distill") as (teacher, critic):
+            result = trainer.fit(cfg, "distill", teacher, critic=critic)
+            rss = {"teacher": ray.get(teacher.actors[0].peak_rss_mb.remote())}
+            if critic is not None:
+                rss["critic"] = ray.get(critic.actors[0].peak_rss_mb.remote())
     with result.checkpoint.as_directory() as directory:
         history = json.loads((Path(directory) / trainer.STATE_FILE).read_text())["history"]
     speed = steps_per_second([h["time"] for h in history], args.warmup)
-    return Round(speed, {"worker": history[-1]["peak_rss_mb"], "teacher": teacher_rss}, sampler.peaks, sampler.cpu_s)
+    return Round(speed, {"worker": history[-1]["peak_rss_mb"], **rss}, sampler.peaks, sampler.cpu_s)
 
 
-ROWS = {"plain": "plain loop", "worker + teacher": "worker + teacher actor", "worker": "  Train worker",
-        "teacher": "  teacher actor", "ray": "Ray's own processes (not counted)"}
+ROWS = {"plain": "plain loop", "worker + actors": "worker + actors", "worker": "  Train worker",
+        "teacher": "  teacher actor", "critic": "  critic actor", "ray": "Ray's own processes (not counted)"}
 
 
-def print_round(index: int, plain: Round, dist: Round) -> None:
-    print(f"round {index}: plain {plain.steps_per_s:.2f} steps/s, {plain.peak_rss['plain']:.0f} MB; "
-          f"Ray Train + DeepSpeed + teacher actor {dist.steps_per_s:.2f} steps/s, {sum(dist.peak_rss.values()):.0f} MB "
-          f"(of which the teacher actor {dist.peak_rss['teacher']:.0f} MB)")
+def print_round(index: int, placement: str, plain: Round, dist: Round) -> None:
+    print(f"round {index}, critic placement {placement}: plain {plain.steps_per_s:.2f} steps/s, "
+          f"{plain.peak_rss['plain']:.0f} MB; Ray Train + DeepSpeed + actors {dist.steps_per_s:.2f} steps/s, "
+          f"{sum(dist.peak_rss.values()):.0f} MB (" + ", ".join(f"{k} {v:.0f}" for k, v in dist.peak_rss.items()) + ")")
     print(f"  sampled peaks, MB {'':18} {'RSS':>6} {'PSS':>6} {'USS':>6} {'distinct':>8}")
     for group, label in ROWS.items():
         peaks = {**plain.sampled, **dist.sampled}.get(group)
-        if peaks:
+        if peaks and (group != "critic" or placement == "actors"):
             cells = [f"{peaks[m]:{8 if m == 'distinct' else 6}.0f}" if peaks[m] is not None else "     n/a" for m in MEASURES]
             print(f"    {label:34} {' '.join(cells)}")
 
@@ -254,6 +259,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the plain loop (the Train worker and the "
                         "teacher actor get Ray's one each)")
     parser.add_argument("--sample-every", type=float, default=1.0, help="seconds between memory samples")
+    parser.add_argument("--placements", default="trainer,actors", help="critic placements to run beside the plain loop "
+                        "(trainer: in the Train worker; actors: a critic actor group of one)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment of the plain process and of every Ray process (repeatable)")
     args = parser.parse_args()
@@ -264,22 +271,28 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         write_dataset(f"{tmp}/data", rows=4 * args.batch)
-        plain, distributed = [], []
-        for round_ in range(args.rounds):
-            cfg = bench_config(f"{tmp}/data", f"{tmp}/runs", f"round{round_}", args)
-            plain.append(run_plain(cfg, args))
-            distributed.append(run_ray(cfg, args))
-            print_round(round_, plain[-1], distributed[-1])
-    speed = statistics.median(d.steps_per_s for d in distributed) / statistics.median(p.steps_per_s for p in plain)
-    memory = ratio([sum(d.peak_rss.values()) for d in distributed], [p.peak_rss["plain"] for p in plain])
-    sampled = {m: ratio([d.sampled["worker + teacher"][m] for d in distributed], [p.sampled["plain"][m] for p in plain]) for m in MEASURES}
+        placements = args.placements.split(",")
+        plain: list[Round] = []
+        distributed: dict[str, list[Round]] = {p: [] for p in placements}
+        for round_ in range(args.rounds):  # plain, then each placement, round after round
+            plain.append(run_plain(bench_config(f"{tmp}/data", f"{tmp}/runs", f"plain{round_}", args), args))
+            for placement in placements:
+                cfg = bench_config(f"{tmp}/data", f"{tmp}/runs", f"{placement}{round_}", args, placement)
+                distributed[placement].append(run_ray(cfg, args))
+                print_round(round_, placement, plain[-1], distributed[placement][-1])
     print(f"toy arch, batch {args.batch}, {args.steps} steps ({args.warmup} warm-up), plain loop on {args.threads} "
           f"torch thread(s), median of {args.rounds} rounds" + (f", environment {' '.join(args.env)}" if env else ""))
-    print(f"steps/s distributed / plain: {speed:.2f}x (target >= 0.8)")
-    print(f"peak RSS distributed (worker + teacher actor) / plain: {memory} (target <= 1.5)")
-    print(f"sampled peaks distributed / plain: summed RSS {sampled['rss']}, summed PSS {sampled['pss']}, summed USS "
-          f"{sampled['uss']}, distinct pages {sampled['distinct']} (target <= 1.5 on distinct pages)")
-    print(f"memory sampler: {args.sample_every:g} s period, {sum(r.sampler_cpu_s for r in plain + distributed):.1f} s CPU in all")
+    for placement, rounds in distributed.items():
+        speed = statistics.median(d.steps_per_s for d in rounds) / statistics.median(p.steps_per_s for p in plain)
+        memory = ratio([sum(d.peak_rss.values()) for d in rounds], [p.peak_rss["plain"] for p in plain])
+        sampled = {m: ratio([d.sampled["worker + actors"][m] for d in rounds], [p.sampled["plain"][m] for p in plain])
+                   for m in MEASURES}
+        print(f"critic placement {placement}:")
+        print(f"  steps/s distributed / plain: {speed:.2f}x (target >= 0.8)")
+        print(f"  peak RSS distributed (worker + actors) / plain: {memory} (target <= 1.5)")
+        print(f"  sampled peaks distributed / plain: summed RSS {sampled['rss']}, summed PSS {sampled['pss']}, summed USS "
+              f"{sampled['uss']}, distinct pages {sampled['distinct']} (target <= 1.5 on distinct pages)")
+    print(f"memory sampler: {args.sample_every:g} s period, {sum(r.sampler_cpu_s for r in plain + [d for rounds in distributed.values() for d in rounds]):.1f} s CPU in all")
 
 
 if __name__ == "__main__":
