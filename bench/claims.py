@@ -19,8 +19,9 @@ seed (`train.seed`), with the toy distillation config and nothing else changed b
 Each distilled student (and the ODE-init starting points, for reference) generates the 96 prompts with
 `pipeline.generation.ClipGenerator` on noise seed 777, which training never drew (all 96 prompts are
 used in training, so the evaluation is held out in its noise, as the quickstart's), and the toy grader
-(`jobs/evaluate.evaluate` on configs/toy_teacher.yaml's world, untouched) grades them. The teacher's own
-multi-step sampler (`jobs.quickstart.TeacherClips`) makes the same prompts from the same noise. Training
+(`pipeline.toyworld.videos.evaluate`, what jobs/evaluate.py runs, on configs/toy_teacher.yaml's world,
+untouched) grades them. The teacher's own multi-step sampler (`jobs.quickstart.TeacherClips`) makes
+the same prompts from the same noise. Training
 stability and cost come from each run's last checkpoint's state.json history.
 
 Everything is keyed: runs/claims/units/<unit>/result.json holds a digest of the unit's settings and of
@@ -172,7 +173,7 @@ def write_clips(make: Callable[[str, int], tuple[Any, Any]], prompts: list[str],
 
 
 def grade(videos: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    from jobs.evaluate import evaluate
+    from pipeline.toyworld.videos import evaluate
 
     world = load_config(str(REPO / GRADER_CONFIG)).world
     summary, _ = evaluate(videos, None, world)

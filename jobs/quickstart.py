@@ -375,13 +375,14 @@ def timing(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def generate_stage(cfg: Config, export: str, prompts: str, out: Path, stage_dir: Path) -> dict[str, Any]:
     from jobs import generate
+    from pipeline.planning import read_manifest
 
     started = time.perf_counter()
     tracker = stage_tracker(cfg.tracking, stage_dir, cfg.to_dict(), "generate")
     try:
         plan, new = generate.run(cfg, export, prompts, str(out))
         print("\n".join(generate.summary_lines(plan, new, time.perf_counter() - started)))
-        measured = timing(generate.read_manifest(str(out)))
+        measured = timing(read_manifest(str(out)))
         tracker.log_metrics(measured, step=0)
     finally:
         tracker.close()
@@ -442,7 +443,7 @@ def teacher_stage(
     import ray
     from tqdm import tqdm
 
-    from jobs.generate import existing_files, read_manifest, write_manifest
+    from pipeline.planning import existing_files, read_manifest, write_manifest
     from pipeline.planning import ray_resources
 
     wanted = [{k: r[k] for k in ("id", "sample", "prompt", "seed", "path")} for r in read_manifest(str(student_videos))]
@@ -486,7 +487,7 @@ def evaluate_stage(settings: Settings, videos: dict[str, dict[str, Any]], stage_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jobs.evaluate import evaluate
+    from pipeline.toyworld.videos import evaluate
 
     world = load_config(str(REPO / GRADER_CONFIG)).world
     params = {"grader_config": GRADER_CONFIG, "world": dataclasses.asdict(world)}

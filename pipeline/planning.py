@@ -7,8 +7,12 @@ these functions, builds its Ray objects and runs.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from pipeline import data
@@ -107,3 +111,44 @@ def plan_clips(parsed: list[dict[str, Any]], cfg: GenerateConfig, manifest: list
                 continue
             pending.append({"id": row_id, "sample": sample, "prompt": r["prompt"], "seed": base + sample, "source": r["source"], "line": r["line"]})
     return ClipPlan(pending, kept, len(parsed), bad, duplicates)
+
+
+# Manifests of a generation output directory (shared by jobs/generate.py and the quickstart).
+
+MANIFEST_JSONL, MANIFEST_PARQUET = "manifest.jsonl", "manifest.parquet"
+
+
+def read_manifest(out: str) -> list[dict[str, Any]]:
+    fs, root = fsspec.core.url_to_fs(out)
+    path = f"{root.rstrip('/')}/{MANIFEST_JSONL}"
+    if not fs.exists(path):
+        return []
+    rows = []
+    for number, line in enumerate(fs.cat(path).decode().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{out}/{MANIFEST_JSONL}:{number}: not JSON ({err.msg}); move the manifest away to regenerate") from None
+    return rows
+
+
+def write_manifest(out: str, rows: list[dict[str, Any]]) -> None:
+    """Both manifests, each written whole under a temporary name and renamed."""
+    fs, root = fsspec.core.url_to_fs(out)
+    root = root.rstrip("/")
+    fs.makedirs(root, exist_ok=True)
+    rows = sorted(rows, key=lambda r: (r["id"], r["sample"]))
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    for name, payload in ((MANIFEST_JSONL, "".join(json.dumps(r) + "\n" for r in rows).encode()), (MANIFEST_PARQUET, sink.getvalue().to_pybytes())):
+        with fs.open(f"{root}/.tmp-{name}", "wb") as f:
+            f.write(payload)
+        fs.mv(f"{root}/.tmp-{name}", f"{root}/{name}")
+
+
+def existing_files(out: str) -> set[str]:
+    fs, root = fsspec.core.url_to_fs(out)
+    fs.invalidate_cache(root)
+    if not fs.exists(root):
+        return set()
+    return {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if p.endswith(".mp4")}
