@@ -162,8 +162,8 @@ class CriticActor:
             rank=self.rank, world_size=self.group_size, timeout=datetime.timedelta(minutes=10),
         )
         # DeepSpeed's batch bookkeeping: each actor's micro-batch is its share of the global batch.
-        cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, batch_size=self.share))
-        engine = DeepSpeedOptimised(load_critic(cfg, self.device), cfg.train.critic_lr, cfg, self.group_size)
+        cfg = self.cfg
+        engine = DeepSpeedOptimised(load_critic(cfg, self.device), cfg.train.critic_lr, cfg, self.group_size, self.share)
         self.critic = LocalCritic(engine, cfg.method)
 
     # -- serving the loop -------------------------------------------------------------------------------

@@ -17,11 +17,13 @@ from torch import nn
 from pipeline.config import Config
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, world_size: int, micro_batch: int | None = None) -> dict[str, Any]:
+    """`micro_batch`: samples per rank and step (default `train.batch_size`; a critic actor's share)."""
     t = cfg.train
+    micro_batch = micro_batch or t.batch_size
     return {
-        "train_micro_batch_size_per_gpu": t.batch_size,
-        "train_batch_size": t.batch_size * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "train_batch_size": micro_batch * world_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
@@ -36,14 +38,14 @@ class DeepSpeedOptimised:
     """A DeepSpeed engine behind `Optimised`: backward through the engine (ZeRO's reduce hooks), step
     with the engine's global-norm clipping."""
 
-    def __init__(self, module: nn.Module, lr: float, cfg: Config, world_size: int) -> None:
+    def __init__(self, module: nn.Module, lr: float, cfg: Config, world_size: int, micro_batch: int | None = None) -> None:
         import deepspeed
 
         t = cfg.train
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         self.engine, *_ = deepspeed.initialize(
-            model=module, optimizer=optimizer, model_parameters=params, config=deepspeed_config(cfg, world_size)
+            model=module, optimizer=optimizer, model_parameters=params, config=deepspeed_config(cfg, world_size, micro_batch)
         )
         self.module = self.engine.module
         self.zero_stage = t.zero_stage

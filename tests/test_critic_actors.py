@@ -32,9 +32,11 @@ def test_route_gives_every_sample_of_the_global_batch_to_one_actor(world, batch,
         assert senders(world, batch, actors, actor) == sorted({p // batch for p in owner if owner[p] == actor})
 
 
-def actors_config(dataset: str, storage: str, name: str, critic_actors: int, *overrides: str):
-    return tiny_config(dataset, storage, name, "ray.num_workers=2", "ray.critic_placement=actors",
-                       f"ray.critic_actors={critic_actors}", "ray.critic_resources={CPU: 0.5}", *overrides)
+def actors_config(dataset: str, storage: str, name: str, critic_actors: int, workers: int, *overrides: str):
+    """`workers` Train workers with a global batch of 2 (tiny_config's plain-loop reference batch)."""
+    return tiny_config(dataset, storage, name, f"ray.num_workers={workers}", f"train.batch_size={2 // workers}",
+                       "ray.critic_placement=actors", f"ray.critic_actors={critic_actors}", "ray.critic_resources={CPU: 0.5}",
+                       *overrides)
 
 
 def fit_with_group(cfg, **kwargs):
@@ -46,7 +48,7 @@ def fit_with_group(cfg, **kwargs):
 
 
 def test_one_critic_actor_serving_two_workers_equals_plain_loop(ray_local, tiny_data, tmp_path):
-    cfg = actors_config(tiny_data, str(tmp_path), "one-critic", 1)
+    cfg = actors_config(tiny_data, str(tmp_path), "one-critic", 1, 2)
     result, _ = fit_with_group(cfg)
     history = history_of(result)
     assert [h["step"] for h in history] == list(range(5)) and all(len(h["ids"]) == 2 for h in history)
@@ -64,13 +66,14 @@ def test_one_critic_actor_serving_two_workers_equals_plain_loop(ray_local, tiny_
 
 
 def test_two_critic_actors_relaunched_on_s3_continue_exactly(ray_local, tiny_data, s3_server, tmp_path):
-    """Two critic actors (one sample each), storage on the S3 server: stop after the checkpoint at step
-    3, relaunch the same run with fresh actors; the five steps equal the plain loop's."""
+    """One Train worker (batch 2) feeding two critic actors (one sample each), storage on the S3 server:
+    stop after the checkpoint at step 3, relaunch the same run with fresh actors; the five steps equal
+    the plain loop's."""
     storage = f"s3://oneforce-test/critic-{tmp_path.name}"
-    first = actors_config(tiny_data, storage, "relaunched", 2, "train.steps=3", "train.checkpoint_every=3")
+    first = actors_config(tiny_data, storage, "relaunched", 2, 1, "train.steps=3", "train.checkpoint_every=3")
     stopped, _ = fit_with_group(first)
     assert [h["step"] for h in history_of(stopped)] == [0, 1, 2]
-    again = actors_config(tiny_data, storage, "relaunched", 2)
+    again = actors_config(tiny_data, storage, "relaunched", 2, 1)
     resumed, _ = fit_with_group(again)
     assert resumed.checkpoint.path.startswith(storage.removeprefix("s3://"))  # on the S3 server
     history = history_of(resumed)
@@ -110,11 +113,12 @@ def _alive_pid(class_name: str, address: str) -> int:
 
 @pytest.mark.parametrize("victim", ["train_worker", "critic_actor"])
 def test_a_killed_role_restarts_from_the_last_checkpoint_and_the_run_ends_unchanged(ray_local, ray_cluster, tiny_data, tmp_path, victim):
-    """8 steps, checkpoints every 2, one Train-run restart allowed. Right after the first checkpoint a
-    Train worker's process (or a critic actor's) is killed with SIGKILL: Ray Train restarts the workers
+    """One Train worker and one critic actor, 8 steps, checkpoints every 2, one Train-run restart
+    allowed. Right after the first checkpoint the Train worker's process (or the critic actor's) is
+    killed with SIGKILL: Ray Train restarts the workers
     from that checkpoint, rank 0 re-forms the critic group from the same one, and the history of the
     finished run (steps 0-7, each once) has the losses the plain loop gives on the rows read."""
-    cfg = actors_config(tiny_data, str(tmp_path), f"killed-{victim}", 1, "train.steps=8", "train.checkpoint_every=2",
+    cfg = actors_config(tiny_data, str(tmp_path), f"killed-{victim}", 1, 1, "train.steps=8", "train.checkpoint_every=2",
                         "train.max_failures=1")
     group = CriticGroup.start(cfg)
 
