@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config, build
-from pipeline.distill import CriticBatch, Feedback, FeedbackRequest
+from pipeline.distill import CriticBatch, Feedback, FeedbackRequest, current_rank
 
 log = logging.getLogger(__name__)
 TAG = "critic"  # the DeepSpeed tag, and the sub-directory of a checkpoint the group writes
@@ -163,7 +163,7 @@ class CriticActor:
         )
         # DeepSpeed's batch bookkeeping: each actor's micro-batch is its share of the global batch.
         cfg = self.cfg
-        engine = DeepSpeedOptimised(load_critic(cfg, self.device), cfg.train.critic_lr, cfg, self.group_size, self.share)
+        engine = DeepSpeedOptimised(load_critic(cfg, self.device), cfg.train.critic_lr, cfg, self.group_size, micro_batch=self.share)
         self.critic = LocalCritic(engine, cfg.method)
 
     # -- serving the loop -------------------------------------------------------------------------------
@@ -263,7 +263,7 @@ class CriticGroup:
     inside their config, and every rank calls it with its own part of the step's batch."""
 
     def __init__(self, actors: list[Any], world: int, batch_size: int) -> None:
-        self.actors, self.world, self.batch_size = actors, world, batch_size
+        self.actors = actors
         self.routes = route(world, batch_size, len(actors))
 
     @classmethod
@@ -344,14 +344,9 @@ class CriticGroup:
         return ray.get(self._send("update", batch))[0]  # the group's metrics, the same from every actor
 
     def _send(self, kind: str, request: FeedbackRequest | CriticBatch) -> list[Any]:
-        rank = _rank()
+        rank = current_rank()
         return [
             getattr(self.actors[actor], kind).remote(request.step, rank, to_wire(request, start, stop))
             for actor, start, stop in self.routes[rank]
         ]
 
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -21,7 +21,7 @@ import torch
 from actors.encoder import default_device
 from pipeline.config import Config, ModelConfig, build
 from pipeline.data import noise_seed, pack, unpack
-from pipeline.distill import teacher_real_x0
+from pipeline.distill import current_rank, teacher_real_x0
 from pipeline.flow import euler_sample, guided_velocity
 from pipeline.models.loading import load_teacher
 
@@ -151,7 +151,7 @@ class TeacherPool:
 
     def real_x0(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> PendingScore:
         with self._lock:
-            index = (self._calls + _rank()) % len(self.actors)
+            index = (self._calls + current_rank()) % len(self.actors)
             self._calls += 1
         arrays = tuple(v.detach().float().cpu().numpy() for v in (x_t, t, text))
         return PendingScore(self, arrays, index, x_t.device)
@@ -168,8 +168,3 @@ class TeacherPool:
         for actor in self.actors:
             ray.kill(actor)
 
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

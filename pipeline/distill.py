@@ -155,6 +155,11 @@ class TorchOptimised:
         return float(norm)
 
 
+def current_rank() -> int:
+    """This process's rank in its default process group (0 outside one): the Train rank in a worker."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def all_finite(*values: torch.Tensor) -> bool:
     """True when every value is finite on every rank: a non-finite loss skips the update everywhere."""
     flag = torch.tensor([float(all(bool(torch.isfinite(v).all()) for v in values))])

@@ -204,7 +204,7 @@ def train_worker(spec: RunSpec) -> None:
     if spec.mode == "distill":
         if spec.critic is not None:  # the critic actor group: rank 0 forms it from the same checkpoint
             if rank == 0:
-                spec.critic.form(None if checkpoint is None else f"{run_dir(cfg, spec.mode)}/{_basename(checkpoint.path)}")
+                spec.critic.form(None if checkpoint is None else f"{run_dir(cfg, spec.mode)}/{Path(checkpoint.path).name}")
             dist.barrier()
             critic = spec.critic
         else:
@@ -269,10 +269,6 @@ def checkpoint_name(step: int) -> str:
     """A checkpoint's directory in the run: named by the step after it, so the critic group (on other
     nodes) can write into the directory the Train workers report next."""
     return f"checkpoint_{step:08d}"
-
-
-def _basename(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _log_samples(cfg: Config, spec: RunSpec, student: DeepSpeedOptimised, ema: EMA | None, tracker, step: int) -> None:
@@ -388,7 +384,7 @@ def fit(
     cfg: Config, mode: Mode, teacher: RealScore | None = None, tracking_uri: str = "", mlflow_run_id: str = "", critic: Any = None
 ):
     """Run (or resume) ODE init or distillation on Ray Train; returns Ray Train's `Result`. `teacher` and
-    `critic` are actor roles (`ActorRoles`); None puts the role inside each Train worker."""
+    `critic` are actor roles (`actor_roles`); None puts the role inside each Train worker."""
     import ray.data
     import ray.train
     from ray.data import ExecutionOptions
