@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def ray_cluster(s3_server, tmp_path_factory):
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
              "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
             env=env, stdout=out, stderr=subprocess.STDOUT,
+            preexec_fn=_interruptible,
         )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_AUTH_MODE", "disabled")  # for this process's drivers and CLI calls
@@ -94,8 +96,24 @@ def ray_cluster(s3_server, tmp_path_factory):
             _wait_for_port(dashboard, head, log)
             yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
         finally:
-            head.terminate()
-            head.wait(timeout=60)
+            _stop(head)
+
+
+def _interruptible() -> None:
+    """In the child before exec: SIGINT back to its default, so `ray start` in Python gets
+    KeyboardInterrupt even when this session runs in the background (where SIGINT is ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _stop(head: subprocess.Popen) -> None:
+    """Ctrl-C: `ray start --block` then kills its processes at once (about 2 s); SIGTERM makes it
+    stop each one gracefully in turn (30-60 s on 2 cores), the fallback if Ctrl-C did not end it."""
+    head.send_signal(signal.SIGINT)
+    try:
+        head.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        head.terminate()
+        head.wait(timeout=90)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log, timeout: float = 180) -> None:

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -81,18 +82,21 @@ def test_two_critic_actors_relaunched_on_s3_continue_exactly(ray_local, tiny_dat
     assert_same_losses(history, plain_history(again, batches_read(history, again.data.output)))
 
 
-def kill_after_checkpoint(cfg, kill, done: threading.Event, record: dict) -> threading.Thread:
-    """A thread that waits for the run's first checkpoint (step 2), then calls `kill`."""
+def kill_after_checkpoints(cfg, kills: dict[int, Callable[[], int]], done: threading.Event, record: dict) -> threading.Thread:
+    """A thread that waits for each checkpoint step in `kills` in turn (in step order), then calls its
+    kill; `record[step]` is the killed pid, and whether the run had already finished by then."""
+
+    def reached(step: int) -> bool:
+        return (Path(trainer.run_dir(cfg, "distill")) / trainer.checkpoint_name(step) / trainer.STATE_FILE).exists()
 
     def watch() -> None:
-        first = Path(trainer.run_dir(cfg, "distill")) / trainer.checkpoint_name(2)
         deadline = time.time() + 300
-        while not (first / trainer.STATE_FILE).exists():
-            if done.is_set() or time.time() > deadline:
-                return
-            time.sleep(0.1)
-        record["finished_before_kill"] = (Path(trainer.run_dir(cfg, "distill")) / trainer.checkpoint_name(8)).exists()
-        record["killed"] = kill()
+        for step, kill in sorted(kills.items()):
+            while not reached(step):
+                if done.is_set() or time.time() > deadline:
+                    return
+                time.sleep(0.1)
+            record[step] = (kill(), reached(cfg.train.steps))
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
@@ -111,31 +115,32 @@ def _alive_pid(class_name: str, address: str) -> int:
     raise AssertionError(f"no live {class_name}")
 
 
-@pytest.mark.parametrize("victim", ["train_worker", "critic_actor"])
-def test_a_killed_role_restarts_from_the_last_checkpoint_and_the_run_ends_unchanged(ray_local, ray_cluster, tiny_data, tmp_path, victim):
-    """One Train worker and one critic actor, 8 steps, checkpoints every 2, one Train-run restart
-    allowed. Right after the first checkpoint the Train worker's process (or the critic actor's) is
-    killed with SIGKILL: Ray Train restarts the workers
-    from that checkpoint, rank 0 re-forms the critic group from the same one, and the history of the
-    finished run (steps 0-7, each once) has the losses the plain loop gives on the rows read."""
-    cfg = actors_config(tiny_data, str(tmp_path), f"killed-{victim}", 1, 1, "train.steps=8", "train.checkpoint_every=2",
-                        "train.max_failures=1")
+def test_killed_roles_restart_from_the_last_checkpoint_and_the_run_ends_unchanged(ray_local, ray_cluster, tiny_data, tmp_path):
+    """One Train worker and one critic actor, 8 steps, checkpoints every 2, two Train-run restarts
+    allowed. Right after checkpoint 2 the Train worker's process is killed with SIGKILL, and right after
+    checkpoint 4 the critic actor's: each time Ray Train restarts the workers from that checkpoint and
+    rank 0 re-forms the critic group from the same one. The finished run's history (steps 0-7, each
+    once) has the losses the plain loop gives on the rows read."""
+    cfg = actors_config(tiny_data, str(tmp_path), "killed", 1, 1, "train.steps=8", "train.checkpoint_every=2",
+                        "train.max_failures=2")
     group = CriticGroup.start(cfg)
 
-    def kill() -> int:
-        pid = _alive_pid("RayTrainWorker" if victim == "train_worker" else "CriticActor", ray_cluster[0])
-        os.kill(pid, signal.SIGKILL)
-        return pid
+    def killer(class_name: str) -> Callable[[], int]:
+        def kill() -> int:
+            pid = _alive_pid(class_name, ray_cluster[0])
+            os.kill(pid, signal.SIGKILL)
+            return pid
+        return kill
 
     done, record = threading.Event(), {}
-    watcher = kill_after_checkpoint(cfg, kill, done, record)
+    watcher = kill_after_checkpoints(cfg, {2: killer("RayTrainWorker"), 4: killer("CriticActor")}, done, record)
     try:
         result = trainer.fit(cfg, "distill", critic=group)
     finally:
         done.set()
         watcher.join()
         group.shutdown()
-    assert record.get("killed") and not record["finished_before_kill"], record
+    assert set(record) == {2, 4} and not any(finished for _, finished in record.values()), record
     history = history_of(result)
     assert [h["step"] for h in history] == list(range(8))
     assert_same_losses(history, plain_history(cfg, batches_read(history, cfg.data.output)))
