@@ -20,7 +20,7 @@ Each distilled student (and the ODE-init starting points, for reference) generat
 `pipeline.generation.ClipGenerator` on noise seed 777, which training never drew (all 96 prompts are
 used in training, so the evaluation is held out in its noise, as the quickstart's), and the toy grader
 (`pipeline.toyworld.videos.evaluate`, what jobs/evaluate.py runs, on configs/toy_teacher.yaml's world,
-untouched) grades them. The teacher's own multi-step sampler (`jobs.quickstart.TeacherClips`) makes
+untouched) grades them. The teacher's own multi-step sampler (`pipeline.generation.TeacherClipGenerator`) makes
 the same prompts from the same noise. Training
 stability and cost come from each run's last checkpoint's state.json history.
 
@@ -198,10 +198,12 @@ def student_clips(export: str, schedule: str | None, prompts: list[str], out: Pa
 def teacher_clips(pre: Config, prompts: list[str], out: Path) -> dict[str, Any]:
     import torch
 
+    from pipeline.generation import TeacherClipGenerator
+
     torch.set_num_threads(1)
     bundle = str(Path(pre.model.teacher_path).parent)
-    teacher = qs.TeacherClips(bundle, pre.method.negative_prompt, 16, str(out))
-    rows = write_clips(teacher.clip, prompts, out, teacher.model_id)
+    teacher = TeacherClipGenerator(bundle, pre.method.negative_prompt)
+    rows = write_clips(teacher.timed, prompts, out, teacher.model_id)
     return {**grade(out, rows), "label": teacher.model_id}
 
 

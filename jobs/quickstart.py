@@ -390,49 +390,24 @@ def generate_stage(cfg: Config, export: str, prompts: str, out: Path, stage_dir:
 
 
 class TeacherClips:
-    """The teacher's multi-step CFG sampler as a clip generator: the same noise as the student's clip of
-    (prompt, seed) (`ClipGenerator.noise`), the sampler settings its bundle was graded with, timed like
-    `ClipGenerator.timed` (text encoding, sampling, decoding). A bidirectional sampler shows no frame
-    before the last step, so its first frames arrive with the whole clip."""
+    """The teacher stage's actor: `pipeline.generation.TeacherClipGenerator` on each student row (id,
+    sample, prompt, seed, path), written as mp4 and returned as a manifest row, timed like the student's."""
 
     def __init__(self, bundle: str, negative_prompt: str, fps: int, out: str) -> None:
         import torch
 
-        from pipeline.pretrain import ToyBundle
+        from pipeline.generation import TeacherClipGenerator
 
         torch.set_grad_enabled(False)
-        self.bundle, self.fps, self.out = ToyBundle.load(bundle), fps, out
-        self.negative = negative_prompt
-        s = self.bundle.sampler
-        self.model_id = f"teacher {bundle} ({s.steps} Euler steps, shift {s.shift:g}, CFG {s.guidance:g})"
-
-    def clip(self, prompt: str, seed: int):
-        import torch
-
-        from pipeline.data import noise_seed, prompt_id
-        from pipeline.flow import euler_sample, guided_velocity, sampling_timesteps
-        from pipeline.generation import Timing
-        from pipeline.models.codec import video_to_clips
-
-        b, s = self.bundle, self.bundle.sampler
-        start = time.perf_counter()
-        cond = b.text_encoder.encode([prompt])
-        uncond = b.text_encoder.encode([self.negative])
-        shape = (1, *b.codec.latent_shape(b.world.frames, b.world.height, b.world.width))
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(prompt_id(prompt, seed))))
-        velocity = guided_velocity(lambda x, t, c: b.transformer(x, t, c).sample, cond, uncond, s.guidance)
-        latents, _ = euler_sample(velocity, noise, sampling_timesteps(s.steps, s.shift))
-        clip = video_to_clips(b.codec.decode(latents))[0]
-        seconds = time.perf_counter() - start
-        return clip, Timing(seconds, seconds, len(clip))
+        self.generator, self.fps, self.out = TeacherClipGenerator(bundle, negative_prompt), fps, out
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         from pipeline.video import write_mp4
 
-        clip, t = self.clip(row["prompt"], int(row["seed"]))
+        clip, t = self.generator.timed(row["prompt"], int(row["seed"]))
         write_mp4(clip, f"{self.out}/{row['path']}", fps=self.fps)
         return {**row, "frames": t.frames, "seconds": t.seconds, "first_frame_seconds": t.first_frame_seconds,
-                "fps_generated": t.frames_per_second, "model_id": self.model_id}
+                "fps_generated": t.frames_per_second, "model_id": self.generator.model_id}
 
 
 def teacher_stage(

@@ -10,6 +10,9 @@ A checkpoint directory is laid out like a diffusers Wan pipeline: `transformer/`
 optionally `text_encoder/` + `tokenizer/` and `codec/` (toy) or `vae/` (Wan); parts it lacks come from
 `model.text_encoder_path` and `model.codec`. A single weights file (e.g. a Self-Forcing .pt) is read
 with `model.student_arch`.
+
+`TeacherClipGenerator` puts a toy teacher's multi-step sampler behind the same timed interface, from the
+same noise, for student-versus-teacher comparisons (the quickstart's table, bench/claims.py).
 """
 
 from __future__ import annotations
@@ -187,3 +190,37 @@ class ClipGenerator:
             parts.append(frames)
         clip = np.concatenate(parts)
         return clip, Timing(first or 0.0, time.perf_counter() - start, len(clip))
+
+
+class TeacherClipGenerator:
+    """A toy teacher bundle's multi-step CFG sampler (`pipeline.pretrain.ToyBundle`: the steps, shift and
+    guidance it was graded with) behind `ClipGenerator`'s timed interface, for comparing a student with
+    its teacher on the same prompts and noise: a clip of (prompt, seed) starts from the noise a student's
+    clip of (prompt, seed) starts from. A bidirectional sampler shows no frame before its last step, so
+    the first frames arrive with the whole clip."""
+
+    def __init__(self, bundle: str, negative_prompt: str) -> None:
+        from pipeline.pretrain import ToyBundle
+
+        self.bundle, self.negative = ToyBundle.load(bundle), negative_prompt
+        s = self.bundle.sampler
+        self.model_id = f"teacher {bundle} ({s.steps} Euler steps, shift {s.shift:g}, CFG {s.guidance:g})"
+
+    def noise(self, prompt: str, seed: int) -> torch.Tensor:
+        """(1, C, F, H, W) from (prompt, seed) alone, as `ClipGenerator.noise`."""
+        w = self.bundle.world
+        shape = (1, *self.bundle.codec.latent_shape(w.frames, w.height, w.width))
+        return torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(prompt_id(prompt, seed))))
+
+    @torch.no_grad()
+    def generate(self, prompt: str, seed: int) -> np.ndarray:
+        from pipeline.pretrain import sample_clips
+
+        return sample_clips(self.bundle, [prompt], noise=self.noise(prompt, seed), negative_prompt=self.negative)[0]
+
+    def timed(self, prompt: str, seed: int) -> tuple[np.ndarray, Timing]:
+        """The clip, timed from text encoding to decoded frames."""
+        start = time.perf_counter()
+        clip = self.generate(prompt, seed)
+        seconds = time.perf_counter() - start
+        return clip, Timing(seconds, seconds, len(clip))

@@ -128,12 +128,16 @@ def new_ema(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def sample_clips(bundle: ToyBundle, prompts: list[str], seed: int) -> np.ndarray:
-    """Clips (B, T, H, W, 3) in [0, 1] from the teacher's multi-step CFG sampler."""
-    channels, frames, height, width = bundle.codec.latent_shape(bundle.world.frames, bundle.world.height, bundle.world.width)
-    noise = torch.randn(len(prompts), channels, frames, height, width, generator=torch.Generator().manual_seed(seed))
+def sample_clips(
+    bundle: ToyBundle, prompts: list[str], seed: int = 0, noise: torch.Tensor | None = None, negative_prompt: str = ""
+) -> np.ndarray:
+    """Clips (B, T, H, W, 3) in [0, 1] from the teacher's multi-step CFG sampler, starting from `noise`
+    (B, C, F, H, W), or from noise drawn with `seed`."""
+    if noise is None:
+        shape = bundle.codec.latent_shape(bundle.world.frames, bundle.world.height, bundle.world.width)
+        noise = torch.randn(len(prompts), *shape, generator=torch.Generator().manual_seed(seed))
     cond = bundle.text_encoder.encode(prompts)
-    uncond = bundle.text_encoder.encode([""]).expand_as(cond)
+    uncond = bundle.text_encoder.encode([negative_prompt]).expand_as(cond)
     velocity = guided_velocity(lambda x, t, c: bundle.transformer(x, t, c).sample, cond, uncond, bundle.sampler.guidance)
     latents, _ = euler_sample(velocity, noise, sampling_timesteps(bundle.sampler.steps, bundle.sampler.shift))
     return video_to_clips(bundle.codec.decode(latents))
