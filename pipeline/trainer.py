@@ -184,6 +184,13 @@ def restore_checkpoint(directory: str, engines: dict[str, DeepSpeedOptimised], r
 # ----------------------------------------------------------------------------------------------------
 
 
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's `train_loop_per_worker`: the run's spec comes through the object store (see `fit`)."""
+    import ray
+
+    train_worker(ray.get(config["spec"]))
+
+
 def train_worker(spec: RunSpec) -> None:
     """Ray Train's `train_loop_per_worker`: build the engines, restore, run the steps, checkpoint."""
     import ray.train
@@ -404,8 +411,10 @@ def fit(
     r = cfg.ray
     storage_path, storage_filesystem = ray_storage(f"{storage_root(cfg).rstrip('/')}/{run_name(cfg)}")
     trainer = TorchTrainer(
-        lambda config: train_worker(config["spec"]),
-        train_loop_config={"spec": spec},
+        train_loop,
+        # A reference, not the spec: Ray Train's controller unpickles train_loop_config, and the spec's
+        # classes would make it import torch, diffusers and DeepSpeed (~4 s per run, on the head node).
+        train_loop_config={"spec": ray.put(spec)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=dict(r.resources_per_worker)
         ),

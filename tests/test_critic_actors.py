@@ -66,28 +66,17 @@ def test_one_critic_actor_serving_two_workers_equals_plain_loop(ray_local, tiny_
     assert trainer.latest_checkpoint(cfg, "distill") == str(checkpoint)
 
 
-def test_two_critic_actors_relaunched_on_s3_continue_exactly(ray_local, tiny_data, s3_server, tmp_path):
-    """One Train worker (batch 2) feeding two critic actors (one sample each), storage on the S3 server:
-    stop after the checkpoint at step 3, relaunch the same run with fresh actors; the five steps equal
-    the plain loop's."""
-    storage = f"s3://oneforce-test/critic-{tmp_path.name}"
-    first = actors_config(tiny_data, storage, "relaunched", 2, 1, "train.steps=3", "train.checkpoint_every=3")
-    stopped, _ = fit_with_group(first)
-    assert [h["step"] for h in history_of(stopped)] == [0, 1, 2]
-    again = actors_config(tiny_data, storage, "relaunched", 2, 1)
-    resumed, _ = fit_with_group(again)
-    assert resumed.checkpoint.path.startswith(storage.removeprefix("s3://"))  # on the S3 server
-    history = history_of(resumed)
-    assert [h["step"] for h in history] == list(range(5))
-    assert_same_losses(history, plain_history(again, batches_read(history, again.data.output)))
-
-
 def kill_after_checkpoints(cfg, kills: dict[int, Callable[[], int]], done: threading.Event, record: dict) -> threading.Thread:
-    """A thread that waits for each checkpoint step in `kills` in turn (in step order), then calls its
-    kill; `record[step]` is the killed pid, and whether the run had already finished by then."""
+    """A thread that waits for each checkpoint step in `kills` in turn (in step order, on the run's
+    storage, local or s3), then calls its kill; `record[step]` is the killed pid, and whether the run
+    had already finished by then."""
+    import fsspec
+
+    fs, run = fsspec.core.url_to_fs(trainer.run_dir(cfg, "distill"))
 
     def reached(step: int) -> bool:
-        return (Path(trainer.run_dir(cfg, "distill")) / trainer.checkpoint_name(step) / trainer.STATE_FILE).exists()
+        fs.invalidate_cache()
+        return fs.exists(f"{run}/{trainer.checkpoint_name(step)}/{trainer.STATE_FILE}")
 
     def watch() -> None:
         deadline = time.time() + 300
@@ -95,7 +84,7 @@ def kill_after_checkpoints(cfg, kills: dict[int, Callable[[], int]], done: threa
             while not reached(step):
                 if done.is_set() or time.time() > deadline:
                     return
-                time.sleep(0.1)
+                time.sleep(0.2)
             record[step] = (kill(), reached(cfg.train.steps))
 
     thread = threading.Thread(target=watch, daemon=True)
@@ -115,15 +104,18 @@ def _alive_pid(class_name: str, address: str) -> int:
     raise AssertionError(f"no live {class_name}")
 
 
-def test_killed_roles_restart_from_the_last_checkpoint_and_the_run_ends_unchanged(ray_local, ray_cluster, tiny_data, tmp_path):
-    """One Train worker and one critic actor, 8 steps, checkpoints every 2, two Train-run restarts
-    allowed. Right after checkpoint 2 the Train worker's process is killed with SIGKILL, and right after
-    checkpoint 4 the critic actor's: each time Ray Train restarts the workers from that checkpoint and
-    rank 0 re-forms the critic group from the same one. The finished run's history (steps 0-7, each
-    once) has the losses the plain loop gives on the rows read."""
-    cfg = actors_config(tiny_data, str(tmp_path), "killed", 1, 1, "train.steps=8", "train.checkpoint_every=2",
-                        "train.max_failures=2")
-    group = CriticGroup.start(cfg)
+def test_killed_roles_and_a_relaunch_on_s3_end_with_the_plain_loops_losses(ray_local, ray_cluster, tiny_data, s3_server, tmp_path):
+    """One Train worker (batch 2) feeding two critic actors (one sample each), storage on the S3 server,
+    checkpoints every 2 steps, two Train-run restarts allowed. Right after checkpoint 2 the Train
+    worker's process is killed with SIGKILL, right after checkpoint 4 a critic actor's: each time Ray
+    Train restarts the workers from that checkpoint and rank 0 re-forms the critic group from the same
+    one. The run ends at step 6; relaunched under the same name for 8 steps, with fresh actors, it
+    resumes there. The history (steps 0-7, each once) has the losses the plain loop gives on the rows
+    read."""
+    storage = f"s3://oneforce-test/critic-{tmp_path.name}"
+    common = ("train.checkpoint_every=2", "train.max_failures=2")
+    first = actors_config(tiny_data, storage, "faults", 2, 1, "train.steps=6", *common)
+    group = CriticGroup.start(first)
 
     def killer(class_name: str) -> Callable[[], int]:
         def kill() -> int:
@@ -133,14 +125,19 @@ def test_killed_roles_restart_from_the_last_checkpoint_and_the_run_ends_unchange
         return kill
 
     done, record = threading.Event(), {}
-    watcher = kill_after_checkpoints(cfg, {2: killer("RayTrainWorker"), 4: killer("CriticActor")}, done, record)
+    watcher = kill_after_checkpoints(first, {2: killer("RayTrainWorker"), 4: killer("CriticActor")}, done, record)
     try:
-        result = trainer.fit(cfg, "distill", critic=group)
+        stopped = trainer.fit(first, "distill", critic=group)
     finally:
         done.set()
         watcher.join()
         group.shutdown()
     assert set(record) == {2, 4} and not any(finished for _, finished in record.values()), record
-    history = history_of(result)
+    assert [h["step"] for h in history_of(stopped)] == list(range(6))
+
+    again = actors_config(tiny_data, storage, "faults", 2, 1, "train.steps=8", *common)
+    resumed, _ = fit_with_group(again)
+    assert resumed.checkpoint.path.startswith(storage.removeprefix("s3://"))  # on the S3 server
+    history = history_of(resumed)
     assert [h["step"] for h in history] == list(range(8))
-    assert_same_losses(history, plain_history(cfg, batches_read(history, cfg.data.output)))
+    assert_same_losses(history, plain_history(again, batches_read(history, again.data.output)))
