@@ -347,11 +347,13 @@ def run_all(args: argparse.Namespace, out: Path, shared: Path) -> dict[str, Any]
 
 
 def spread(values: list[float], digits: int = 3) -> str:
-    """mean ± sample std (n - 1), then the per-seed values."""
+    """mean ± sample std (n - 1), then the per-seed values; one seed's value alone (no spread to show)."""
     if not values:
         return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
     mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    std = statistics.stdev(values)
     each = ", ".join(f"{v:.{digits}f}" for v in values)
     return f"{mean:.{digits}f} ± {std:.{digits}f} ({each})"
 

@@ -192,7 +192,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def train_worker(spec: RunSpec) -> None:
-    """Ray Train's `train_loop_per_worker`: build the engines, restore, run the steps, checkpoint."""
+    """One Train worker's run: build the engines, restore, run the steps, checkpoint."""
     import ray.train
     import ray.train.torch
 
