@@ -394,11 +394,8 @@ class TeacherClips:
     sample, prompt, seed, path), written as mp4 and returned as a manifest row, timed like the student's."""
 
     def __init__(self, bundle: str, negative_prompt: str, fps: int, out: str) -> None:
-        import torch
-
         from pipeline.generation import TeacherClipGenerator
 
-        torch.set_grad_enabled(False)
         self.generator, self.fps, self.out = TeacherClipGenerator(bundle, negative_prompt), fps, out
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:

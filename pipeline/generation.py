@@ -212,9 +212,8 @@ class TeacherClipGenerator:
         shape = (1, *self.bundle.codec.latent_shape(w.frames, w.height, w.width))
         return torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(prompt_id(prompt, seed))))
 
-    @torch.no_grad()
     def generate(self, prompt: str, seed: int) -> np.ndarray:
-        from pipeline.pretrain import sample_clips
+        from pipeline.pretrain import sample_clips  # without gradients
 
         return sample_clips(self.bundle, [prompt], noise=self.noise(prompt, seed), negative_prompt=self.negative)[0]
 
