@@ -91,6 +91,12 @@ class Timing:
         return self.frames / self.seconds if self.seconds > 0 else float("inf")
 
 
+def clip_noise(shape: tuple[int, ...], prompt: str, seed: int) -> torch.Tensor:
+    """A clip's starting noise on the CPU, from (prompt, seed) alone: every generator of a clip of
+    (prompt, seed), student or teacher, starts from it."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(prompt_id(prompt, seed))))
+
+
 class ClipGenerator:
     """A causal student with its text encoder and codec, generating clips block by block."""
 
@@ -142,8 +148,7 @@ class ClipGenerator:
         on every machine and in every batch."""
         s = self.settings
         shape = (1, self.student.config.in_channels, s.num_latent_frames, s.latent_height, s.latent_width)
-        generator = torch.Generator().manual_seed(noise_seed(prompt_id(prompt, seed)))
-        return torch.randn(shape, generator=generator).to(self.device)
+        return clip_noise(shape, prompt, seed).to(self.device)
 
     def _inputs(self, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[list[float]], torch.Generator]:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -209,8 +214,7 @@ class TeacherClipGenerator:
     def noise(self, prompt: str, seed: int) -> torch.Tensor:
         """(1, C, F, H, W) from (prompt, seed) alone, as `ClipGenerator.noise`."""
         w = self.bundle.world
-        shape = (1, *self.bundle.codec.latent_shape(w.frames, w.height, w.width))
-        return torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(prompt_id(prompt, seed))))
+        return clip_noise((1, *self.bundle.codec.latent_shape(w.frames, w.height, w.width)), prompt, seed)
 
     def generate(self, prompt: str, seed: int) -> np.ndarray:
         from pipeline.pretrain import sample_clips  # without gradients

@@ -134,9 +134,9 @@ def test_two_workers_equal_plain_loop_on_the_rows_they_read(ray_local, tiny_data
 
 def test_killed_teacher_and_relaunched_run_continue_as_the_uninterrupted_one(one_worker_run, ray_cluster, tmp_path):
     """Two faults, against the undisturbed run. The only teacher actor is killed once it has been
-    called: Ray restarts it, later calls go to the new one. The run stops after its checkpoint at step 3 and is
-    relaunched under the same name: it resumes there. Steps 3 and 4, the data they read and every loss
-    equal the uninterrupted run's. (A relaunch on s3 storage: tests/test_critic_actors.py.)"""
+    called: Ray restarts it, later calls go to the new one. The run stops after its checkpoint at step
+    3 and is relaunched under the same name: it resumes there. Steps 3 and 4, the data they read and
+    every loss equal the uninterrupted run's. (A relaunch on s3 storage: tests/test_critic_actors.py.)"""
     import threading
 
     import ray
