@@ -202,10 +202,18 @@ _TRACEBACK_GOES_ON = re.compile(
 )
 
 
+# Ray's own processes whose stderr every driver of the cluster receives (the log monitor tails their
+# .err files): the GCS's records about other jobs' actors reach this job's terminal otherwise.
+_RAY_SYSTEM_PROCESSES = ("raylet", "gcs_server")
+# A record of Ray's C++ core in a worker's stderr: "[2026-01-01 10:00:00,000 W 12 34] core_worker.cc:1: ..."
+_RAY_NATIVE_RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\]")
+
+
 class WorkerTracebacks:
     """Wraps Ray's printer of the workers' output on the driver (batches of lines per worker and
-    stream, and the raylet's task-failure reports): tracebacks go to the job's log file, everything else
-    (progress bars, prints, warnings) to the terminal as before, with Ray's prefixes."""
+    stream, and the raylet's and GCS's records): tracebacks and Ray's own records go to the job's log
+    file, everything else (progress bars, prints, warnings) to the terminal as before, with Ray's
+    prefixes."""
 
     def __init__(self, print_lines: Callable[..., None]) -> None:
         self.print_lines = print_lines
@@ -214,6 +222,7 @@ class WorkerTracebacks:
     def __call__(self, data: dict, print_file: object, *args: object, **kwargs: object) -> None:
         key = (data.get("ip"), data.get("pid"), data.get("is_err"))
         inside = key in self.in_traceback
+        system = data.get("pid") in _RAY_SYSTEM_PROCESSES
         shown, logged = [], []
         for line in data.get("lines", []):  # a raylet report is one "line" holding a whole traceback
             plain = _ANSI.sub("", line)
@@ -221,7 +230,7 @@ class WorkerTracebacks:
                 inside = True
             elif inside and not _TRACEBACK_GOES_ON.match(plain):
                 inside = False
-            (logged if inside else shown).append(line)
+            (logged if inside or system or _RAY_NATIVE_RECORD.match(plain) else shown).append(line)
         (self.in_traceback.add if inside else self.in_traceback.discard)(key)
         if logged:
             who = data.get("actor_name") or data.get("task_name") or data.get("pid") or "worker"

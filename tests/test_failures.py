@@ -177,11 +177,17 @@ def test_worker_tracebacks_go_to_the_log_while_progress_bars_still_print(tmp_pat
                                "\x1b[36mray::RayTrainWorker.run()\x1b[39m (pid=7, ip=10.0.0.2)", '  File "x.py", line 1, in f',
                                "RuntimeError: boom", "toy:  20%|##        | 6/30"]}, sys.stderr)
     route({"pid": "raylet", "is_err": False, "lines": ["Task f failed. Error: Traceback (most recent call last):\n  File ..."]}, sys.stdout)
+    # The GCS's records reach every driver of the cluster, about any job's actors; a worker's C++ record.
+    route({"pid": "gcs_server", "is_err": True, "lines": [
+        "[2026-01-01 10:00:00,000 W 5 6] gcs_actor_scheduler.cc:42: Failed to kill actor 01ab, status: NotFound"]}, sys.stderr)
+    route({**worker, "lines": ["[2026-01-01 10:00:00,001 E 7 8] core_worker.cc:9: lost the GCS", "toy:  30%|###       | 9/30"]}, sys.stderr)
     route({"pid": 9, "ip": "10.0.0.1", "is_err": True, "actor_name": "TrainController", "lines": [
         "2026-01-01 10:00:00,000\tERROR controller.py:120 -- Training failed.", "Traceback (most recent call last):",
         '  File "x.py", line 1, in f', "ray.train.WorkerGroupError: 1 worker failed", "2026-01-01 10:00:01,000\tINFO x.py:1 -- done"]}, sys.stderr)
-    assert printed == [["toy:  10%|#         | 3/30"], ["toy:  20%|##        | 6/30"], ["2026-01-01 10:00:01,000\tINFO x.py:1 -- done"]]
+    assert printed == [["toy:  10%|#         | 3/30"], ["toy:  20%|##        | 6/30"], ["toy:  30%|###       | 9/30"],
+                       ["2026-01-01 10:00:01,000\tINFO x.py:1 -- done"]]
     text = (tmp_path / "distill.log").read_text()
+    assert "Failed to kill actor 01ab" in text and "core_worker.cc:9: lost the GCS" in text
     assert "ValueError: model.critic_path=/x: bad" in text and "RuntimeError: boom" in text and "Task f failed" in text
     assert "Training failed." in text and "WorkerGroupError" in text
     assert "[RayTrainWorker pid=7 ip=10.0.0.2]" in text
