@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from pipeline.config import Config, build
-from pipeline.distill import CriticBatch, Feedback, FeedbackRequest, current_rank
+from pipeline.distill import CriticBatch, Feedback, FeedbackRequest
+from pipeline.distributed import current_rank, mean_over_ranks, peak_rss_mb
 
 log = logging.getLogger(__name__)
 TAG = "critic"  # the DeepSpeed tag, and the sub-directory of a checkpoint the group writes
@@ -206,7 +207,6 @@ class CriticActor:
         return results
 
     def _update(self, pieces: list[Wire]) -> dict[int, dict[str, float]]:
-        from pipeline.trainer import mean_over_ranks
 
         metrics = mean_over_ranks(self.critic.update(from_wire(CriticBatch, pieces, self.device)))
         return {sender: metrics for sender in self.senders}
@@ -248,8 +248,6 @@ class CriticActor:
                 raise FileNotFoundError(f"checkpoint {checkpoint}: DeepSpeed found no critic state in {TAG}/")
 
     def peak_rss_mb(self) -> float:
-        from pipeline.trainer import peak_rss_mb
-
         return peak_rss_mb()
 
 

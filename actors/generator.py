@@ -1,5 +1,5 @@
 """Generator actors: a Ray Data `map_batches` callable that loads the causal student once and turns
-prompt rows into mp4 files, returning one manifest row per clip."""
+prompt rows into mp4 files, returning one manifest row per clip; and a toy teacher's clips beside them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 
 from actors.encoder import default_device
 from pipeline.config import Config, build
-from pipeline.generation import ClipGenerator
+from pipeline.generation import ClipGenerator, TeacherClipGenerator
 from pipeline.video import write_mp4
 
 
@@ -39,3 +39,19 @@ class GeneratorStage:
             out["fps_generated"].append(timing.frames_per_second)
             out["model_id"].append(self.generator.model_id)
         return {**batch, **{k: np.asarray(v) for k, v in out.items()}}
+
+
+class TeacherClips:
+    """A toy teacher's clips, to compare with its student's (the quickstart's teacher stage): its
+    multi-step sampler (`pipeline.generation.TeacherClipGenerator`) on each of the student's manifest
+    rows (id, sample, prompt, seed, path), written as mp4 and returned as a manifest row, timed like the
+    student's."""
+
+    def __init__(self, bundle: str, negative_prompt: str, fps: int, out: str) -> None:
+        self.generator, self.fps, self.out = TeacherClipGenerator(bundle, negative_prompt), fps, out
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        clip, t = self.generator.timed(row["prompt"], int(row["seed"]))
+        write_mp4(clip, f"{self.out}/{row['path']}", fps=self.fps)
+        return {**row, "frames": t.frames, "seconds": t.seconds, "first_frame_seconds": t.first_frame_seconds,
+                "fps_generated": t.frames_per_second, "model_id": self.generator.model_id}

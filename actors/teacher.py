@@ -21,7 +21,8 @@ import torch
 from actors.encoder import default_device
 from pipeline.config import Config, ModelConfig, build
 from pipeline.data import noise_seed, pack, unpack
-from pipeline.distill import current_rank, teacher_real_x0
+from pipeline.distill import teacher_real_x0
+from pipeline.distributed import current_rank, peak_rss_mb
 from pipeline.flow import euler_sample, guided_velocity
 from pipeline.models.loading import load_teacher
 
@@ -93,8 +94,6 @@ class TeacherScoreActor:
         return self.calls
 
     def peak_rss_mb(self) -> float:
-        from pipeline.trainer import peak_rss_mb
-
         return peak_rss_mb()
 
     def ready(self) -> bool:

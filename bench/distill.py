@@ -43,7 +43,9 @@ import numpy as np
 import psutil
 import torch
 
+from actors.roles import actor_roles
 from pipeline import data, distill, trainer
+from pipeline.distributed import peak_rss_mb
 from pipeline.config import Config, load_config
 
 
@@ -189,7 +191,7 @@ def plain_round(cfg: Config, warmup: int, threads: int, queue) -> None:
         rows = next(batches)
         distill.distill_step(ctx, distill.rows_to_batch(rows, distill.global_indices(step, 0, 1, cfg.train.batch_size)), step)
         times.append(time.time())
-    queue.put((steps_per_second(times, warmup), trainer.peak_rss_mb()))
+    queue.put((steps_per_second(times, warmup), peak_rss_mb()))
 
 
 @dataclass
@@ -217,7 +219,7 @@ def run_ray(cfg: Config, args: argparse.Namespace) -> Round:
 
     measured = {"worker", "teacher", "critic", "worker + actors"}
     with MemorySampler(ray_groups, args.sample_every, measured) as sampler:
-        with trainer.actor_roles(cfg, "distill") as (teacher, critic):
+        with actor_roles(cfg, "distill") as (teacher, critic):
             result = trainer.fit(cfg, "distill", teacher, critic=critic)
             rss = {"teacher": ray.get(teacher.actors[0].peak_rss_mb.remote())}
             if critic is not None:

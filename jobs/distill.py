@@ -25,6 +25,7 @@ from pipeline.config import Config  # noqa: E402
 
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
+    from actors.roles import actor_roles
     from pipeline import trainer
     from pipeline.failures import init_ray
 
@@ -34,7 +35,7 @@ def main(cfg: Config, args: argparse.Namespace) -> None:
     trainer.preflight(cfg, "distill")
     cfg = trainer.with_absolute_paths(cfg)
     init_ray(cfg.ray.address)  # Ray's worker tracebacks go to the job's log, not above its one error line
-    with trainer.actor_roles(cfg, "distill") as (teacher, critic):
+    with actor_roles(cfg, "distill") as (teacher, critic):
         summary = trainer.launch(cfg, "distill", teacher, critic)
     print(trainer.summary_text(summary))
 

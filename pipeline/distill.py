@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pipeline import losses
 from pipeline.config import Config, MethodConfig, TrainConfig
+from pipeline.distributed import all_finite
 from pipeline.flow import add_noise, sample_timesteps, x0_from_velocity
 from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.discriminator import Critic
@@ -153,19 +153,6 @@ class TorchOptimised:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
-
-
-def current_rank() -> int:
-    """This process's rank in its default process group (0 outside one): the Train rank in a worker."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def all_finite(*values: torch.Tensor) -> bool:
-    """True when every value is finite on every rank: a non-finite loss skips the update everywhere."""
-    flag = torch.tensor([float(all(bool(torch.isfinite(v).all()) for v in values))])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def teacher_real_x0(

@@ -20,7 +20,6 @@ already consumed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -48,6 +47,7 @@ from pipeline.distill import (
     ode_init_step,
     rows_to_batch,
 )
+from pipeline.distributed import gather_ids, mean_over_ranks, peak_rss_mb
 from pipeline.engines import DeepSpeedOptimised
 from pipeline.models.loading import load_critic, load_student, load_teacher
 
@@ -95,36 +95,6 @@ def shard_batches(shard, info: data.DatasetInfo, batch_size: int, skip: int, wit
                 yield decode_rows(table, info, with_trajectory)
         if not produced:
             raise ValueError(f"a worker's share of the dataset holds fewer than train.batch_size={batch_size} rows")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Collectives
-# ----------------------------------------------------------------------------------------------------
-
-
-def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
-    """Every rank's metrics averaged (the keys are the same on every rank at a given step)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return metrics
-    keys = sorted(metrics)
-    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, values)}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def gather_ids(ids: list[str]) -> list[list[str]]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [ids]
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, ids)
-    return everyone
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -391,7 +361,7 @@ def fit(
     cfg: Config, mode: Mode, teacher: RealScore | None = None, tracking_uri: str = "", mlflow_run_id: str = "", critic: Any = None
 ):
     """Run (or resume) ODE init or distillation on Ray Train; returns Ray Train's `Result`. `teacher` and
-    `critic` are actor roles (`actor_roles`); None puts the role inside each Train worker."""
+    `critic` are actor roles (`actors.roles.actor_roles`); None puts the role inside each Train worker."""
     import ray.data
     import ray.train
     from ray.data import ExecutionOptions
@@ -476,28 +446,6 @@ def export_latest(cfg: Config, mode: Mode, checkpoint: str | None = None) -> str
     with local_copy(f"{checkpoint.rstrip('/')}/{WEIGHTS_FILE}") as weights:  # not the optimiser states
         export_student(weights, architecture, cfg, export_path(cfg, mode), source={"checkpoint": checkpoint, "step": step})
     return export_path(cfg, mode)
-
-
-@contextlib.contextmanager
-def actor_roles(cfg: Config, mode: Mode) -> Iterator[tuple[RealScore | None, Any]]:
-    """(teacher, critic) for `fit`: the teacher actor pool (`ray.teacher_actors` > 0) and the critic
-    actor group (`ray.critic_placement: actors`) of a distillation, started here and stopped on exit;
-    None where the role lives inside each Train worker (and always for ODE init)."""
-    teacher = critic = None
-    try:
-        if mode == "distill" and cfg.ray.teacher_actors:
-            from actors.teacher import TeacherPool
-
-            teacher = TeacherPool.start(cfg, data.read_negative_prompt(cfg.data.output))
-        if mode == "distill" and cfg.ray.critic_placement == "actors":
-            from actors.critic import CriticGroup
-
-            critic = CriticGroup.start(cfg)
-        yield teacher, critic
-    finally:
-        for role in (teacher, critic):
-            if role is not None:
-                role.shutdown()
 
 
 def launch(cfg: Config, mode: Mode, teacher: RealScore | None = None, critic: Any = None) -> dict[str, Any]:

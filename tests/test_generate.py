@@ -155,17 +155,3 @@ def test_clip_plans_give_ids_seeds_and_skip_duplicates_and_finished_clips(tmp_pa
     plan = plan_clips(parsed, GenerateConfig(seed=3), manifest, existing={f"{blue}_0.mp4"})
     assert [(r["id"], r["sample"], r["seed"]) for r in plan.pending] == [(red, 0, 3), (blue, 1, 8)]
     assert plan.kept == [manifest[0]] and plan.duplicates == 1 and plan.lines == 4 and len(plan.bad) == 1
-
-
-def test_jobs_import_only_pipeline_and_actors():
-    """What two jobs share lives in pipeline/: a job imports no other job (jobs.cli, the entry helper,
-    aside). The quickstart runs the other jobs, so it may import job modules (`from jobs import x`) to
-    call their entry points, but nothing from inside them."""
-    import ast
-
-    for job in Path(REPO, "jobs").glob("*.py"):
-        tree = ast.parse(job.read_text())
-        modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
-                   and not (job.name == "quickstart.py" and n.module == "jobs")]
-        modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-        assert [m for m in modules if m.split(".")[0] == "jobs" and m != "jobs.cli"] == [], job.name
