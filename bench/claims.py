@@ -40,7 +40,6 @@ import shutil
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/cl
 
 from jobs import quickstart as qs  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.stages import Runner, StageFailed, digest, write_atomic  # noqa: E402
 
 REPO = qs.REPO
 EVAL_SEED = qs.EVAL_SEED  # 777: preprocessing draws data.seed 0 for every prompt
@@ -72,44 +72,6 @@ DEFAULT_STEPS = 150
 # 0.95 (a horizon of ~20 updates, 100 steps) lets the export reflect the run; the same for every variant.
 EMA_DECAY = 0.95
 QUICK_STEPS = 4
-
-
-# ----------------------------------------------------------------------------------------------------
-# Keyed units (as the quickstart's stages: a result file with a key; same key, reused)
-# ----------------------------------------------------------------------------------------------------
-
-
-class Units:
-    def __init__(self, out: Path, runner: qs.Runner) -> None:
-        self.out, self.runner = out, runner
-
-    def run(self, name: str, material: Any, body: Callable[[bool], dict[str, Any]], what: str, ray: bool = False) -> dict[str, Any]:
-        """`body(changed)`: `changed` when what the unit left on disk was made with other settings."""
-        key = qs.digest(material)
-        marker, started_file = self.out / "units" / name / "result.json", self.out / "units" / name / "started.json"
-        previous = json.loads(marker.read_text()) if marker.exists() else None
-        if previous and previous["key"] == key:
-            print(f"{name}: reused ({previous['seconds']:.0f} s when it ran)", flush=True)
-            return {**previous["result"], "key": key, "seconds": previous["seconds"]}
-        last_key = json.loads(started_file.read_text())["key"] if started_file.exists() else None
-        log_path = self.out / "logs" / f"{name}.log"
-        print(f"{name}: {what}   (log: {log_path})", flush=True)
-        marker.unlink(missing_ok=True)
-        qs.write_atomic(started_file, json.dumps({"key": key}))
-        started = time.perf_counter()
-        with qs.teed(log_path) as log:
-            try:
-                if ray:
-                    self.runner.ensure_ray()
-                result = body(last_key is not None and last_key != key)
-            except BaseException as err:  # noqa: BLE001 - in the log, then one line from main
-                log.write("".join(traceback.format_exception(err)))
-                raise qs.StageFailed(name, log_path, err) from err
-        seconds = time.perf_counter() - started
-        qs.write_atomic(marker, json.dumps({"unit": name, "key": key, "seconds": seconds,
-                                            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}, indent=1))
-        print(f"{name}: finished in {seconds:.0f} s", flush=True)
-        return {**result, "key": key, "seconds": seconds}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -257,14 +219,14 @@ def adopt(settings: qs.Settings, source: Path) -> None:
     print(f"reusing {source}'s dataset and ODE-init export (settings equal but for paths)", flush=True)
     shutil.copytree(source / "data", settings.path("data"), dirs_exist_ok=True)
     shutil.copytree(export, trainer.export_path(ode, "ode_init"), dirs_exist_ok=True)
-    pre_key = qs.digest([pre.to_dict(), Path(pre.data.prompts).read_text()])
+    pre_key = digest([pre.to_dict(), Path(pre.data.prompts).read_text()])
     records = {
         "preprocess": (pre_key, {"data": pre.data.output, "rows": len(prompts), "adopted_from": str(source / "data")}),
-        "ode_init": (qs.digest([ode.to_dict(), pre_key]), {"export": trainer.export_path(ode, "ode_init"), "steps": ode.train.steps,
+        "ode_init": (digest([ode.to_dict(), pre_key]), {"export": trainer.export_path(ode, "ode_init"), "steps": ode.train.steps,
                      "run_dir": trainer.run_dir(ode, "ode_init"), "adopted_from": str(export)}),
     }
     for stage, (key, result) in records.items():
-        qs.write_atomic(settings.path("stages", stage, "result.json"), json.dumps(
+        write_atomic(settings.path("stages", stage, "result.json"), json.dumps(
             {"stage": stage, "key": key, "seconds": 0.0, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}, indent=1))
 
 
@@ -272,8 +234,8 @@ def run_all(args: argparse.Namespace, out: Path, shared: Path) -> dict[str, Any]
     from pipeline import trainer
 
     settings = qs.Settings(out=shared, fast=args.quick, overrides={s: [] for s in qs.CONFIG_STAGES})
-    runner = qs.Runner(settings)
-    units = Units(out, runner)
+    runner = Runner(settings.out, qs.STAGES)  # the quickstart's own stages, in the shared folder
+    units = Runner(out, folder="units")  # this bench's: out/units/<name>/result.json
     os.environ.setdefault("ONEFORCE_LOG_DIR", str(out / "logs"))
 
     # The shared starting point: the quickstart's own preprocess and ODE-init stages (reused by its keys),
@@ -291,7 +253,7 @@ def run_all(args: argparse.Namespace, out: Path, shared: Path) -> dict[str, Any]
     if "chunkwise" in args.variants:  # its own starting point, trained only when asked for
         chunk_ode = training_config(settings, out, "ode_init", "toy_ode_init_chunkwise", CHUNKWISE_ODE)
         starts["chunkwise"] = units.run(
-            "ode_init-chunkwise", [chunk_ode.to_dict(), pre_done["key"]], lambda changed: qs.training_stage(chunk_ode, "ode_init"),
+            "ode_init-chunkwise", [chunk_ode.to_dict(), pre_done["key"]], lambda d, changed: qs.training_stage(chunk_ode, "ode_init"),
             f"ODE init with 3 frames per block, {chunk_ode.train.steps} steps (the quickstart's settings otherwise)", ray=True)
 
     prompts_file = settings.eval_prompts()
@@ -301,12 +263,12 @@ def run_all(args: argparse.Namespace, out: Path, shared: Path) -> dict[str, Any]
                                "eval_seed": EVAL_SEED, "shared": str(shared), "runs": {}, "evals": {}}
     results["evals"]["teacher"] = units.run(
         "eval-teacher", [pre_done["key"], pre.model.teacher_path, eval_material],
-        lambda changed: teacher_clips(pre, prompts, out / "videos" / "teacher"), "the teacher's multi-step sampler, graded")
+        lambda d, changed: teacher_clips(pre, prompts, out / "videos" / "teacher"), "the teacher's multi-step sampler, graded", ray=False)
     for start, done in starts.items():
         results["evals"][f"ode_init-{start}"] = units.run(
             f"eval-ode_init-{start}", [done["key"], eval_material],
-            lambda changed, done=done, start=start: student_clips(done["export"], None, prompts, out / "videos" / f"ode_init-{start}"),
-            f"the {start} ODE-init student (the starting point), graded")
+            lambda d, changed, done=done, start=start: student_clips(done["export"], None, prompts, out / "videos" / f"ode_init-{start}"),
+            f"the {start} ODE-init student (the starting point), graded", ray=False)
 
     quick = [f"train.checkpoint_every={args.steps}", "train.ema_start_step=0"] if args.quick else []
     for seed in args.seeds:  # seed-major: an interrupted bench has every variant at the first seeds
@@ -317,7 +279,7 @@ def run_all(args: argparse.Namespace, out: Path, shared: Path) -> dict[str, Any]
                 f"model.student_path={start['export']}/transformer", f"train.steps={args.steps}", f"train.seed={seed}",
                 f"tracking.sample_every={args.steps}", f"train.ema_decay={EMA_DECAY}", *quick, *VARIANTS[variant]])
 
-            def train(changed: bool, cfg: Config = cfg) -> dict[str, Any]:
+            def train(d: Path, changed: bool, cfg: Config = cfg) -> dict[str, Any]:
                 if changed:  # its checkpoints were made with other settings: start the run afresh
                     shutil.rmtree(trainer.run_dir(cfg, "distill"), ignore_errors=True)
                 return {**qs.training_stage(cfg, "distill"), **history_summary(cfg, "distill")}
@@ -330,14 +292,12 @@ def run_all(args: argparse.Namespace, out: Path, shared: Path) -> dict[str, Any]
                 label = f"{variant}-s{seed}" + (f"-{schedule}" if schedule else "")
                 results["evals"][label] = units.run(
                     f"eval-{label}", [run["key"], schedule, eval_material],
-                    lambda changed, run=run, schedule=schedule, label=label: student_clips(run["export"], schedule, prompts, out / "videos" / label),
-                    f"{label}: clips of {len(prompts)} prompts (seed {EVAL_SEED}), graded")
-            qs.write_atomic(out / "claims.json", json.dumps(results, indent=1))
-            qs.write_atomic(out / "claims.md", tables(results) + "\n")
-    if runner.ray_started:
-        import ray
-
-        ray.shutdown()
+                    lambda d, changed, run=run, schedule=schedule, label=label: student_clips(run["export"], schedule, prompts, out / "videos" / label),
+                    f"{label}: clips of {len(prompts)} prompts (seed {EVAL_SEED}), graded", ray=False)
+            write_atomic(out / "claims.json", json.dumps(results, indent=1))
+            write_atomic(out / "claims.md", tables(results) + "\n")
+    runner.shutdown()
+    units.shutdown()
     return results
 
 
@@ -469,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     try:
         results = run_all(args, out, shared)
-    except qs.StageFailed as err:
+    except StageFailed as err:
         print(f"error: {err.stage} failed: {qs.cause(err.error).line()} (log: {err.log}; rerun to resume)", file=sys.stderr)
         sys.exit(1)
     print()

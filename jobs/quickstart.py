@@ -41,18 +41,13 @@ engine inside the Train worker, the toy default; `actors`: a critic actor group 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import hashlib
-import io
 import json
 import os
 import shutil
 import statistics
 import sys
 import time
-import traceback
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +63,9 @@ from pipeline.failures import (  # noqa: E402
     end_open_mlflow_run,
     install_signal_handlers,
     interrupt_signal,
-    log_path as job_log_path,
-    quiet_ray_output,
     write_log,
 )
+from pipeline.stages import Runner, StageFailed, stage_tracker, write_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("preprocess", "ode_init", "distill", "generate", "teacher", "evaluate")
@@ -190,149 +184,6 @@ def split_overrides(items: list[str]) -> dict[str, list[str]]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Stages: markers, logs, failures
-# ----------------------------------------------------------------------------------------------------
-
-
-class StageFailed(Exception):
-    def __init__(self, stage: str, log: Path, error: BaseException) -> None:
-        super().__init__(f"{stage}: {error}")
-        self.stage, self.log, self.error = stage, log, error
-
-
-def digest(material: Any) -> str:
-    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-class _Tee(io.TextIOBase):
-    """Writes to the console and, until the stage ends, to its log file. (A logging handler created
-    during a stage keeps this stream after it: then it writes to the console only.)"""
-
-    def __init__(self, console, log) -> None:
-        self.console, self.log = console, log
-
-    def write(self, text: str) -> int:
-        self.console.write(text)
-        if self.log is not None:
-            self.log.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        self.console.flush()
-        if self.log is not None:
-            self.log.flush()
-
-    def isatty(self) -> bool:
-        return self.console.isatty()
-
-    def fileno(self) -> int:
-        return self.console.fileno()
-
-    @property
-    def encoding(self) -> str:
-        return getattr(self.console, "encoding", "utf-8")
-
-
-@contextlib.contextmanager
-def teed(log_path: Path) -> Iterator[Any]:
-    """The stage's printed output (its own, and Ray workers' lines forwarded to the driver) also goes to
-    its log; the log file is yielded for the traceback."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", buffering=1) as log:
-        log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
-        stdout, stderr = sys.stdout, sys.stderr
-        tees = _Tee(stdout, log), _Tee(stderr, log)
-        sys.stdout, sys.stderr = tees
-        try:
-            yield log
-        finally:
-            sys.stdout, sys.stderr = stdout, stderr
-            for tee in tees:
-                tee.log = None
-
-
-class Runner:
-    """Runs the stages in order, each once: a stage whose result file carries the same key is reused."""
-
-    def __init__(self, settings: Settings, address: str = "") -> None:
-        self.settings, self.address = settings, address
-        self.ray_started = False
-
-    def ensure_ray(self) -> None:
-        """Started once, by the first stage that needs it (a rerun that reuses every stage starts none).
-        A local instance of our own unless told otherwise (`ray.address`, or RAY_ADDRESS as under
-        `ray job submit`): never a cluster someone else started on this machine."""
-        import ray
-        import ray.data
-
-        if ray.is_initialized():
-            return
-        ray.init(address=self.address or os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
-        quiet_ray_output()  # as every job: Ray workers' tracebacks go to a log file, not to the terminal
-        ray.data.DataContext.get_current().enable_progress_bars = False  # each stage shows its own bar
-        self.ray_started = True
-
-    def marker(self, stage: str, name: str = "result.json") -> Path:
-        return self.settings.path("stages", stage, name)
-
-    def run(
-        self, stage: str, key_material: Any, body: Callable[[Path, bool], dict[str, Any]], what: str, ray: bool = True
-    ) -> dict[str, Any]:
-        """`body(stage_dir, changed)` returns the stage's result (JSON), kept beside its key. `changed`:
-        what the stage left on disk (finished or not) was made with other settings or earlier stages."""
-        number = f"[{STAGES.index(stage) + 1}/{len(STAGES)}]"
-        key = digest(key_material)
-        marker, started_file = self.marker(stage), self.marker(stage, "started.json")
-        previous = json.loads(marker.read_text()) if marker.exists() else None
-        if previous and previous["key"] == key:
-            print(f"{number} {stage}: done, reused ({previous['seconds']:.0f} s when it ran; {marker})", flush=True)
-            return {**previous["result"], "key": key}
-        last_key = json.loads(started_file.read_text())["key"] if started_file.exists() else None
-        changed = last_key is not None and last_key != key
-        log_path = self.settings.path("logs", f"{stage}.log")
-        print(f"{number} {stage}: {what}   (log: {log_path})", flush=True)
-        if changed:
-            print(f"{number} {stage}: its settings or an earlier stage changed since it last ran; running it again", flush=True)
-        elif last_key is not None:
-            print(f"{number} {stage}: continuing where it stopped", flush=True)
-        marker.unlink(missing_ok=True)  # from here on it would not describe what is on disk
-        write_atomic(started_file, json.dumps({"key": key}))
-        started = time.perf_counter()
-        with teed(log_path) as log:
-            try:
-                if ray:
-                    self.ensure_ray()
-                result = body(marker.parent, changed)
-            except BaseException as err:  # noqa: BLE001 - recorded, then reported as one line by main
-                log.write("".join(traceback.format_exception(err)))
-                if job_log_path().exists():
-                    log.write(f"Ray workers' tracebacks and Ray's error records: {job_log_path()}\n")
-                if interrupt_signal(err) is not None:
-                    raise
-                raise StageFailed(stage, log_path, err) from err
-        seconds = time.perf_counter() - started
-        write_atomic(marker, json.dumps({"stage": stage, "key": key, "seconds": seconds,
-                                         "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}, indent=1))
-        print(f"{number} {stage}: finished in {seconds:.0f} s", flush=True)
-        return {**result, "key": key}
-
-
-def stage_tracker(tracking: TrackingConfig, stage_dir: Path, params: dict[str, Any], name: str):
-    """The stage's MLflow run in the quickstart's store; its id kept in the stage's folder, so a stage
-    that is run again appends to the same run (the training jobs keep theirs in their run directory)."""
-    from pipeline.tracking import open_tracker
-
-    return open_tracker(tracking, str(stage_dir), params, name)
-
-
-# ----------------------------------------------------------------------------------------------------
 # The stages
 # ----------------------------------------------------------------------------------------------------
 
@@ -389,24 +240,6 @@ def generate_stage(cfg: Config, export: str, prompts: str, out: Path, stage_dir:
     return {"videos": str(out), "label": "student: one step per frame", **measured}
 
 
-class TeacherClips:
-    """The teacher stage's actor: `pipeline.generation.TeacherClipGenerator` on each student row (id,
-    sample, prompt, seed, path), written as mp4 and returned as a manifest row, timed like the student's."""
-
-    def __init__(self, bundle: str, negative_prompt: str, fps: int, out: str) -> None:
-        from pipeline.generation import TeacherClipGenerator
-
-        self.generator, self.fps, self.out = TeacherClipGenerator(bundle, negative_prompt), fps, out
-
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        from pipeline.video import write_mp4
-
-        clip, t = self.generator.timed(row["prompt"], int(row["seed"]))
-        write_mp4(clip, f"{self.out}/{row['path']}", fps=self.fps)
-        return {**row, "frames": t.frames, "seconds": t.seconds, "first_frame_seconds": t.first_frame_seconds,
-                "fps_generated": t.frames_per_second, "model_id": self.generator.model_id}
-
-
 def teacher_stage(
     bundle: str, negative: str, cfg: Config, student_videos: Path, out: Path, stage_dir: Path
 ) -> dict[str, Any]:
@@ -415,8 +248,8 @@ def teacher_stage(
     import ray
     from tqdm import tqdm
 
-    from pipeline.planning import existing_files, read_manifest, write_manifest
-    from pipeline.planning import ray_resources
+    from actors.generator import TeacherClips
+    from pipeline.planning import existing_files, ray_resources, read_manifest, write_manifest
 
     wanted = [{k: r[k] for k in ("id", "sample", "prompt", "seed", "path")} for r in read_manifest(str(student_videos))]
     files = existing_files(str(out))
@@ -617,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     install_signal_handlers()
     settings.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ONEFORCE_LOG_DIR", str(settings.path("logs")))  # pipeline/failures.py's logs, beside the stages'
-    runner = Runner(settings, settings.config("preprocess").ray.address)
+    runner = Runner(settings.out, STAGES, settings.config("preprocess").ray.address)
     started = time.perf_counter()
     try:
         graded = quickstart(settings, runner)
@@ -638,10 +471,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {found.line()} (traceback: {write_log(err, 'quickstart')})", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT if found.bad_input else EXIT_BUG)
     finish(settings, graded, time.perf_counter() - started)
-    if runner.ray_started:
-        import ray
-
-        ray.shutdown()
+    runner.shutdown()
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from jobs import quickstart
-from jobs.quickstart import Runner, Settings, StageFailed, split_overrides
+from jobs.quickstart import Settings, split_overrides
 from pipeline.config import ConfigError
+from pipeline.stages import Runner, StageFailed
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["model", "adherence", "sharpness", "temporal consistency", "Frechet distance", "s per clip", "first frames (s)"]
@@ -36,7 +37,7 @@ def parse_table(text: str) -> dict[str, dict[str, float]]:
 
 
 def test_a_finished_stage_is_reused_and_one_whose_settings_changed_runs_again(tmp_path):
-    runner = Runner(Settings(out=tmp_path, fast=True, overrides={}))
+    runner = Runner(tmp_path, quickstart.STAGES)
     calls: list[bool] = []
 
     def body(stage_dir: Path, changed: bool) -> dict:
@@ -53,7 +54,7 @@ def test_a_finished_stage_is_reused_and_one_whose_settings_changed_runs_again(tm
 
 
 def test_a_failing_stage_prints_one_line_naming_the_stage_and_its_log(tmp_path, capsys, monkeypatch):
-    runner = Runner(Settings(out=tmp_path, fast=True, overrides={}))
+    runner = Runner(tmp_path, quickstart.STAGES)
     runner.run("distill", ["old"], lambda d, changed: {"ok": 1}, "test", ray=False)
 
     def broken(stage_dir: Path, changed: bool) -> dict:
