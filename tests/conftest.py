@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -24,6 +28,43 @@ def tiny_wan(seed: int = 0, **overrides) -> CausalWanModel:
 @pytest.fixture
 def tiny_model() -> CausalWanModel:
     return tiny_wan()
+
+
+# The servers a test may start (Ray's head and its processes, moto, MLflow's server and its workers):
+# a test that starts one stops it, and the session checks at its end that none is left.
+_SERVER = re.compile(r"ray start|raylet|gcs_server|ray::|ray/dashboard|log_monitor|runtime_env|moto\.server|mlflow|gunicorn|uvicorn")
+# What may stay in the temp folder: pytest's own (it keeps the last runs' tmp_path folders by design).
+_KEPT_IN_TMP = re.compile(r"pytest-of-.*")
+
+
+def _servers_started_since(started: float) -> list[str]:
+    me = os.getpid()
+    left = []
+    for proc in psutil.process_iter(["pid", "create_time", "cmdline"]):
+        try:
+            command = " ".join(proc.info["cmdline"] or [])
+            if proc.info["pid"] != me and proc.info["create_time"] >= started and _SERVER.search(command):
+                left.append(f"pid {proc.info['pid']}: {command[:160]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return left
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leaves_nothing_behind():
+    """Fails the session (an error at its end) when the tests left a server running or anything new in
+    the temp folder. Session fixtures stop in the reverse order they started, and this one starts
+    first, so the shared Ray head and the S3 server have been stopped when it looks."""
+    tmp = Path(tempfile.gettempdir())
+    before, started = set(os.listdir(tmp)), time.time() - 1
+    yield
+    deadline = time.time() + 60  # processes of a stopped Ray exit within seconds of their head
+    while (servers := _servers_started_since(started)) and time.time() < deadline:
+        time.sleep(1)
+    new = sorted(name for name in set(os.listdir(tmp)) - before if not _KEPT_IN_TMP.fullmatch(name))
+    problems = [f"server still running: {s}" for s in servers] + [f"left in {tmp}: {name}" for name in new]
+    if problems:
+        pytest.fail("the tests left things behind:\n" + "\n".join(problems), pytrace=False)
 
 
 def _free_port() -> int:
