@@ -47,15 +47,14 @@ class TeacherSamplerStage:
         self.latent_shape, self.timesteps, self.keep_at, self.guidance = tuple(latent_shape), timesteps, keep_at, guidance
         self.text_dtype = text_dtype
         self.negative = unpack(negative_embedding, text_dtype).to(self.device)[None]
-        self.dtype = next(self.teacher.parameters()).dtype
 
     @torch.no_grad()
     def sample(self, row_id: str, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(latent, trajectory (K, ...)) of one row."""
         noise = torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(noise_seed(row_id)))
-        cond = text.to(self.device, self.dtype)[None]
-        uncond = self.negative.to(self.dtype)
-        velocity = guided_velocity(lambda x, t, c: self.teacher(x.to(self.dtype), t, c).sample, cond, uncond, self.guidance)
+        cond = text.to(self.device, self.negative.dtype)[None]
+        # The teacher casts its inputs to its compute dtype; the guidance and the Euler steps run in fp32.
+        velocity = guided_velocity(lambda x, t, c: self.teacher(x, t, c).sample.float(), cond, self.negative, self.guidance)
         latent, kept = euler_sample(velocity, noise[None].to(self.device), self.timesteps, self.keep_at)
         trajectory = torch.stack([kept[float(t)][0] for t in self.keep_at]) if self.keep_at else torch.zeros(0, *self.latent_shape)
         return latent[0].cpu(), trajectory.cpu()

@@ -26,7 +26,7 @@ from torch import nn
 
 from pipeline import losses
 from pipeline.config import Config, MethodConfig, TrainConfig
-from pipeline.distributed import all_finite
+from pipeline.distributed import all_finite, scalar
 from pipeline.flow import add_noise, sample_timesteps, x0_from_velocity
 from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.discriminator import Critic
@@ -43,18 +43,23 @@ def seeded(run_seed: int, step: int, index: int, purpose: str) -> torch.Generato
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def per_sample_noise(shape: Sequence[int], run_seed: int, step: int, indices: Sequence[int], purpose: str) -> torch.Tensor:
-    """(B, *shape) standard normal noise, row i from sample indices[i]'s own generator."""
-    return torch.stack([torch.randn(tuple(shape), generator=seeded(run_seed, step, i, purpose)) for i in indices])
+def per_sample_noise(
+    shape: Sequence[int], run_seed: int, step: int, indices: Sequence[int], purpose: str, device: torch.device
+) -> torch.Tensor:
+    """(B, *shape) standard normal noise on `device`, row i from sample indices[i]'s own generator. Drawn
+    on the CPU (the same numbers on every device type), then moved."""
+    return torch.stack([torch.randn(tuple(shape), generator=seeded(run_seed, step, i, purpose)) for i in indices]).to(device)
 
 
-def per_sample_timesteps(method: MethodConfig, run_seed: int, step: int, indices: Sequence[int], purpose: str) -> torch.Tensor:
-    """(B,) score timesteps: u ~ U[0, 1), shifted, clamped to [min_timestep, max_timestep]."""
+def per_sample_timesteps(
+    method: MethodConfig, run_seed: int, step: int, indices: Sequence[int], purpose: str, device: torch.device
+) -> torch.Tensor:
+    """(B,) score timesteps on `device`: u ~ U[0, 1), shifted, clamped to [min_timestep, max_timestep]."""
     draws = [
         sample_timesteps(1, seeded(run_seed, step, i, purpose), method.shift, method.min_timestep, method.max_timestep)
         for i in indices
     ]
-    return torch.cat(draws)
+    return torch.cat(draws).to(device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,20 +157,20 @@ class TorchOptimised:
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return scalar(norm)
 
 
 def teacher_real_x0(
     teacher: nn.Module, negative: torch.Tensor, guidance: float, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor
 ) -> torch.Tensor:
-    """The teacher's CFG real score: cond and uncond as one 2B forward in the teacher's dtype, x0 and the
-    guidance combination in fp32 (a bf16 teacher's x0 would otherwise be combined at scale 1 + g in bf16)."""
-    dtype = next(teacher.parameters()).dtype
-    uncond = negative.to(text.device, dtype).expand(x_t.shape[0], -1, -1)
-    x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
+    """The teacher's CFG real score: cond and uncond as one 2B forward in the teacher's compute dtype, x0
+    and the guidance combination in fp32 (a bf16 teacher's x0 would otherwise be combined at scale 1 + g
+    in bf16)."""
+    uncond = negative.to(text.device, text.dtype).expand(x_t.shape[0], -1, -1)
+    x_in, t_in = torch.cat([x_t, x_t]).float(), torch.cat([t, t])
     with torch.no_grad():
-        v = teacher(x_in.to(dtype), t_in, torch.cat([text.to(dtype), uncond])).sample
-    x0_cond, x0_uncond = x0_from_velocity(x_in.float(), v.float(), t_in).chunk(2)
+        v = teacher(x_in, t_in, torch.cat([text, uncond])).sample
+    x0_cond, x0_uncond = x0_from_velocity(x_in, v.float(), t_in).chunk(2)
     return losses.real_x0(x0_cond, x0_uncond, guidance)
 
 
@@ -190,9 +195,7 @@ class LocalCritic:
         return self.critic.module
 
     def feedback(self, request: FeedbackRequest) -> Feedback:
-        critic, m = self.module, self.method
-        dtype = next(critic.parameters()).dtype
-        text = request.text.to(dtype)
+        critic, m, text = self.module, self.method, request.text
         # Frozen for this pass: the gradient is taken w.r.t. the sample only, and a ZeRO engine's
         # gradient hooks must not fire (DESIGN §4).
         trainable = [p for p in critic.parameters() if p.requires_grad]
@@ -200,13 +203,13 @@ class LocalCritic:
             p.requires_grad_(False)
         try:
             with torch.no_grad():
-                v, _ = critic(request.x_t.to(dtype), request.t, text, with_logits=False)
+                v, _ = critic(request.x_t, request.t, text, with_logits=False)
                 x0_fake = x0_from_velocity(request.x_t.float(), v.float(), request.t)
                 real_logits = None
                 if m.gan_loss == "relativistic":
-                    real_logits = critic.logits(add_noise(request.real, request.gan_noise, request.gan_t).to(dtype), request.gan_t, text)
+                    real_logits = critic.logits(add_noise(request.real, request.gan_noise, request.gan_t), request.gan_t, text)
             grad, per_sample = losses.gan_generator_gradient(
-                request.x0.to(dtype), request.gan_noise.to(dtype), request.gan_t,
+                request.x0, request.gan_noise, request.gan_t,
                 lambda x: critic.logits(x, request.gan_t, text), m.gan_generator_weight, real_logits, m.gan_loss,
             )
         finally:
@@ -218,32 +221,32 @@ class LocalCritic:
         terms = critic_losses(self.module, batch, self.method)
         total = terms["critic_loss"]
         if not all_finite(total):
-            return {"critic_skipped": 1.0, **{k: float(v.detach()) for k, v in terms.items()}}
+            return {"critic_skipped": 1.0, **{k: scalar(v) for k, v in terms.items()}}
         self.critic.backward(total)
         norm = self.critic.step()
-        return {"critic_skipped": 0.0, "critic_grad_norm": norm, **{k: float(v.detach()) for k, v in terms.items()}}
+        return {"critic_skipped": 0.0, "critic_grad_norm": norm, **{k: scalar(v) for k, v in terms.items()}}
 
 
 def critic_losses(critic: Critic, b: CriticBatch, m: MethodConfig) -> dict[str, torch.Tensor]:
     """The critic's objective on one batch: flow matching on the generated samples at their own t, plus
     the discriminator loss on real and fake noised at one shared t and noise (one 2B forward), plus the
-    optional finite-difference R1 (real) and R2 (fake, counted at 0.5)."""
-    dtype = next(critic.parameters()).dtype
-    text = b.text.to(dtype)
-    x_t = add_noise(b.fake, b.flow_noise, b.flow_t).to(dtype)
+    optional finite-difference R1 (real) and R2 (fake, counted at 0.5). Everything here is fp32; the
+    critic casts its inputs to its compute dtype."""
+    text = b.text
+    x_t = add_noise(b.fake, b.flow_noise, b.flow_t)
     v, _ = critic(x_t, b.flow_t, text, with_logits=False)
     flow = losses.flow_loss(v, b.flow_noise, b.fake)
 
     real_t = add_noise(b.real, b.disc_noise, b.disc_t)
     fake_t = add_noise(b.fake, b.disc_noise, b.disc_t)
-    _, logits = critic(torch.cat([real_t, fake_t]).to(dtype), torch.cat([b.disc_t, b.disc_t]), torch.cat([text, text]))
+    _, logits = critic(torch.cat([real_t, fake_t]), torch.cat([b.disc_t, b.disc_t]), torch.cat([text, text]))
     real_logits, fake_logits = logits.chunk(2)
     gan_d = losses.gan_discriminator_loss(real_logits, fake_logits, m.gan_loss)
     total = flow + m.gan_discriminator_weight * gan_d
     terms = {"critic_flow": flow, "gan_d": gan_d, "logits_real": real_logits.float().mean(), "logits_fake": fake_logits.float().mean()}
 
-    def d(x: torch.Tensor) -> torch.Tensor:  # perturbed in fp32, cast only for the forward
-        return critic.logits(x.to(dtype), b.disc_t, text).float()
+    def d(x: torch.Tensor) -> torch.Tensor:  # perturbed in fp32, cast only inside the forward
+        return critic.logits(x, b.disc_t, text)
 
     if m.r1_weight > 0:
         terms["r1"] = losses.r1_penalty(d, real_t, b.r1_noise, m.r1_sigma)
@@ -308,16 +311,15 @@ class StepContext:
 
 def _student_rollout(ctx: StepContext, batch: Batch, step: int, purpose: str, with_grad: bool):
     cfg, student = ctx.cfg, ctx.student.module
-    dtype = next(student.parameters()).dtype
     shape = (student.config.in_channels, cfg.model.num_latent_frames, cfg.model.latent_height, cfg.model.latent_width)
-    noise = per_sample_noise(shape, cfg.train.seed, step, batch.indices, purpose).to(dtype)
+    noise = per_sample_noise(shape, cfg.train.seed, step, batch.indices, purpose, batch.latent.device)
     steps = ctx.steps_per_block
     exits = draw_exit_steps(
         len(steps), len(steps[0]), seeded(cfg.train.seed, step, -1, f"{purpose}/exit"), cfg.method.same_exit_step_across_blocks
     )
     renoise = [seeded(cfg.train.seed, step, i, f"{purpose}/renoise") for i in batch.indices]
     return rollout(
-        student, noise, batch.text.to(dtype), steps, cfg.model.frames_per_block, exit_steps=exits,
+        student, noise, batch.text, steps, cfg.model.frames_per_block, exit_steps=exits,
         gradient_num_blocks=cfg.method.gradient_num_blocks if with_grad else 0,
         context_noise=cfg.method.context_noise, generator=renoise,
     )
@@ -331,21 +333,22 @@ def generator_step(ctx: StepContext, batch: Batch, step: int) -> dict[str, float
     out = _student_rollout(ctx, batch, step, "generator", with_grad=True)
     x0 = out.x0
     sample = x0.detach().float()
-    t = per_sample_timesteps(m, seed, step, idx, "dmd_t")
-    x_t = add_noise(sample, per_sample_noise(sample.shape[1:], seed, step, idx, "dmd_noise"), t)
+    device, shape = sample.device, sample.shape[1:]
+    t = per_sample_timesteps(m, seed, step, idx, "dmd_t", device)
+    x_t = add_noise(sample, per_sample_noise(shape, seed, step, idx, "dmd_noise", device), t)
     pending = ctx.teacher.real_x0(x_t, t, batch.text)  # in flight while the critic works
-    gan_t = per_sample_timesteps(m, seed, step, idx, "gan_t")
+    gan_t = per_sample_timesteps(m, seed, step, idx, "gan_t", device)
     feedback = ctx.critic.feedback(FeedbackRequest(
-        x_t=x_t, t=t, x0=sample, gan_t=gan_t, gan_noise=per_sample_noise(sample.shape[1:], seed, step, idx, "gan_noise"),
+        x_t=x_t, t=t, x0=sample, gan_t=gan_t, gan_noise=per_sample_noise(shape, seed, step, idx, "gan_noise", device),
         text=batch.text, real=batch.latent.float(), step=step,
     ))
     x0_real = pending.result()
     direction = losses.dmd_direction(sample, feedback.x0_fake, x0_real)
     gradient = losses.dmd_gradient(sample, direction, out.first_grad_frame) + feedback.gan_gradient
     metrics = {
-        "dmd": float(losses.dmd_loss(sample, direction, out.first_grad_frame)),
-        "gan_g": float(feedback.gan_losses.mean()),
-        "dmd_normaliser": float((sample - x0_real).abs().mean()),
+        "dmd": scalar(losses.dmd_loss(sample, direction, out.first_grad_frame)),
+        "gan_g": scalar(feedback.gan_losses.mean()),
+        "dmd_normaliser": scalar((sample - x0_real).abs().mean()),
     }
     # Non-finite scores would vanish in the direction's nan_to_num: check what goes in, not only what comes out.
     if not all_finite(x0_real, feedback.x0_fake, gradient, feedback.gan_losses):
@@ -365,13 +368,18 @@ def critic_step(ctx: StepContext, batch: Batch, step: int) -> dict[str, float]:
     m, seed, idx = ctx.cfg.method, ctx.cfg.train.seed, batch.indices
     with torch.no_grad():
         fake = _student_rollout(ctx, batch, step, "critic", with_grad=False).x0.float()
-    shape = fake.shape[1:]
+    shape, device = fake.shape[1:], fake.device
+
+    def noise(purpose: str) -> torch.Tensor:
+        return per_sample_noise(shape, seed, step, idx, purpose, device)
+
+    def timesteps(purpose: str) -> torch.Tensor:
+        return per_sample_timesteps(m, seed, step, idx, purpose, device)
+
     return ctx.critic.update(CriticBatch(
         fake=fake, real=batch.latent.float(), text=batch.text,
-        flow_t=per_sample_timesteps(m, seed, step, idx, "flow_t"), flow_noise=per_sample_noise(shape, seed, step, idx, "flow_noise"),
-        disc_t=per_sample_timesteps(m, seed, step, idx, "disc_t"), disc_noise=per_sample_noise(shape, seed, step, idx, "disc_noise"),
-        r1_noise=per_sample_noise(shape, seed, step, idx, "r1_noise"), r2_noise=per_sample_noise(shape, seed, step, idx, "r2_noise"),
-        step=step,
+        flow_t=timesteps("flow_t"), flow_noise=noise("flow_noise"), disc_t=timesteps("disc_t"), disc_noise=noise("disc_noise"),
+        r1_noise=noise("r1_noise"), r2_noise=noise("r2_noise"), step=step,
     ))
 
 
@@ -392,23 +400,25 @@ def ode_init_step(student: Optimised, batch: Batch, step: int, cfg: Config, traj
     if batch.trajectory is None or not trajectory_timesteps:
         raise ValueError("ODE init needs a dataset with trajectories (data.trajectory_steps)")
     model: CausalWanModel = student.module
-    dtype = next(model.parameters()).dtype
     fpb, num_blocks = cfg.model.frames_per_block, cfg.model.num_blocks
     points = torch.stack([
         torch.randint(0, len(trajectory_timesteps), (num_blocks,), generator=seeded(cfg.train.seed, step, i, "ode_point"))
         for i in batch.indices
     ]).repeat_interleave(fpb, dim=1)  # (B, F): the trajectory point of each frame
-    rows, frames = torch.arange(len(batch.indices))[:, None], torch.arange(cfg.model.num_latent_frames)[None, :]
+    device = batch.trajectory.device
+    points = points.to(device)
+    rows = torch.arange(len(batch.indices), device=device)[:, None]
+    frames = torch.arange(cfg.model.num_latent_frames, device=device)[None, :]
     by_frame = batch.trajectory.float().permute(0, 3, 1, 2, 4, 5)  # (B, F, K, C, H, W)
     x_t = by_frame[rows, frames, points].permute(0, 2, 1, 3, 4)  # (B, C, F, H, W)
-    t = torch.tensor(trajectory_timesteps, dtype=torch.float32)[points]
-    v = model(x_t.to(dtype), t, batch.text.to(dtype), frames_per_block=fpb).sample
+    t = torch.tensor(trajectory_timesteps, dtype=torch.float32, device=device)[points]
+    v = model(x_t, t, batch.text, frames_per_block=fpb).sample
     x0 = x0_from_velocity(x_t, v.float(), t)
     loss = losses.regression_loss(x0, batch.latent)
     if not all_finite(loss):
-        return {"ode_loss": float(loss), "ode_skipped": 1.0}
+        return {"ode_loss": scalar(loss), "ode_skipped": 1.0}
     student.backward(loss)
-    return {"ode_loss": float(loss.detach()), "ode_grad_norm": student.step(), "ode_skipped": 0.0}
+    return {"ode_loss": scalar(loss), "ode_grad_norm": student.step(), "ode_skipped": 0.0}
 
 
 # ----------------------------------------------------------------------------------------------------

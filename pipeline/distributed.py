@@ -23,9 +23,32 @@ def current_rank() -> int:
     return dist.get_rank() if in_process_group() else 0
 
 
+def collective_device() -> torch.device:
+    """Where the default group's collectives take their tensors: the current CUDA device under NCCL (Ray
+    Train's and the critic group's backend on GPUs), else the CPU (gloo, or a group made for both,
+    `cpu:gloo,cuda:nccl`). NCCL refuses CPU tensors, gloo CUDA ones."""
+    if in_process_group() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def on_meta(value: torch.Tensor) -> bool:
+    """The meta device stands in for an accelerator in the CPU tests: shapes and devices, no values."""
+    return value.device.type == "meta"
+
+
+def scalar(value: torch.Tensor | float) -> float:
+    """A metric's value on the host (one device sync); NaN for a meta tensor, which holds none."""
+    if isinstance(value, torch.Tensor):
+        return float("nan") if on_meta(value) else float(value.detach())
+    return float(value)
+
+
 def all_finite(*values: torch.Tensor) -> bool:
-    """True when every value is finite on every rank: a non-finite loss skips the update everywhere."""
-    flag = torch.tensor([float(all(bool(torch.isfinite(v).all()) for v in values))])
+    """True when every value is finite on every rank: a non-finite loss skips the update everywhere.
+    (Meta tensors hold no values to check: they pass.)"""
+    local = all(on_meta(v) or bool(torch.isfinite(v).all()) for v in values)
+    flag = torch.tensor([float(local)], device=collective_device())
     if in_process_group():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
@@ -36,9 +59,9 @@ def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     if not in_process_group():
         return metrics
     keys = sorted(metrics)
-    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=collective_device())
     dist.all_reduce(values)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, values)}
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, values.cpu())}
 
 
 def gather_ids(ids: list[str]) -> list[list[str]]:

@@ -48,6 +48,8 @@ class DeepSpeedOptimised:
             model=module, optimizer=optimizer, model_parameters=params, config=deepspeed_config(cfg, world_size, micro_batch)
         )
         self.module = self.engine.module
+        if cfg.model.dtype == "bfloat16":  # DeepSpeed's bf16 mode casts the whole module
+            self.module.compute_dtype = torch.bfloat16
         self.zero_stage = t.zero_stage
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -44,8 +44,9 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) ->
 
 
 def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-    """x0 = x_t - s v, computed in float64 (at s close to 1 the two terms nearly cancel)."""
-    return (x_t.double() - _broadcast(t, x_t) * v.double()).to(v.dtype)
+    """x0 = x_t - s v, computed in float64 (at s close to 1 the two terms nearly cancel), returned in
+    the wider of the two dtypes (a bf16 model's velocity on an fp32 sample gives an fp32 x0)."""
+    return (x_t.double() - _broadcast(t, x_t) * v.double()).to(torch.promote_types(x_t.dtype, v.dtype))
 
 
 def velocity_from_x0(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:

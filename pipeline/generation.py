@@ -35,7 +35,7 @@ from pipeline.models.loading import torch_dtype
 from pipeline.models.text import TextEncoder
 from pipeline.models.wan_weights import load_wan
 from pipeline.rollout import inference_schedule, iter_blocks, rollout, training_steps
-from pipeline.storage import local_copy
+from pipeline.storage import node_cache
 
 
 @dataclass
@@ -120,27 +120,27 @@ class ClipGenerator:
 
             cfg = load_config(base=export_settings(checkpoint))
         dtype = torch_dtype(cfg.model.dtype)
-        with local_copy(checkpoint) as local:
-            if fs.isdir(path):
-                if not fs.isdir(f"{path.rstrip('/')}/transformer"):
-                    raise FileNotFoundError(f"checkpoint {checkpoint}: a directory needs a transformer/ folder (diffusers layout)")
-                student = load_wan(f"{local}/transformer", dtype=dtype)
-                has_text = fs.isdir(f"{path.rstrip('/')}/text_encoder")
-                codec_dir = next((f"{local}/{d}" for d in ("codec", "vae") if fs.isdir(f"{path.rstrip('/')}/{d}")), None)
-            else:
-                with about("model.student_arch", cfg.model.student_arch):  # a wrong arch lists every key
-                    student = load_wan(local, config=cfg.model.student_arch, dtype=dtype)
-                has_text, codec_dir = False, None
-            if has_text:
-                text_encoder = TextEncoder.from_pretrained(local, dtype=dtype)
-            elif cfg.model.text_encoder_path:
-                text_encoder = TextEncoder.from_pretrained(cfg.model.text_encoder_path, dtype=dtype)
-            else:
-                text_encoder = TextEncoder.toy()
-            codec_spec = codec_dir or cfg.model.codec
-            if not codec_spec:
-                raise ValueError(f"checkpoint {checkpoint} has no codec/ or vae/ folder: set model.codec")
-            codec = load_codec(codec_spec, dtype)
+        local = node_cache(checkpoint, "--checkpoint")
+        if fs.isdir(path):
+            if not fs.isdir(f"{path.rstrip('/')}/transformer"):
+                raise FileNotFoundError(f"checkpoint {checkpoint}: a directory needs a transformer/ folder (diffusers layout)")
+            student = load_wan(f"{local}/transformer", dtype=dtype)
+            has_text = fs.isdir(f"{path.rstrip('/')}/text_encoder")
+            codec_dir = next((f"{local}/{d}" for d in ("codec", "vae") if fs.isdir(f"{path.rstrip('/')}/{d}")), None)
+        else:
+            with about("model.student_arch", cfg.model.student_arch):  # a wrong arch lists every key
+                student = load_wan(local, config=cfg.model.student_arch, dtype=dtype)
+            has_text, codec_dir = False, None
+        if has_text:
+            text_encoder = TextEncoder.from_pretrained(local, dtype=dtype)
+        elif cfg.model.text_encoder_path:
+            text_encoder = TextEncoder.from_pretrained(cfg.model.text_encoder_path, dtype=dtype)
+        else:
+            text_encoder = TextEncoder.toy()
+        codec_spec = codec_dir or cfg.model.codec
+        if not codec_spec:
+            raise ValueError(f"checkpoint {checkpoint} has no codec/ or vae/ folder: set model.codec")
+        codec = load_codec(codec_spec, dtype)
         return cls(student.to(device), text_encoder.to(device), codec.to(device), GenerationSettings.from_config(cfg), checkpoint)
 
     def noise(self, prompt: str, seed: int) -> torch.Tensor:
@@ -153,11 +153,10 @@ class ClipGenerator:
     def _inputs(self, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[list[float]], torch.Generator]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"a prompt must be non-empty text, got {prompt!r}")
-        dtype = next(self.student.parameters()).dtype
-        text = self.text_encoder.encode([prompt]).to(self.device, dtype)
+        text = self.text_encoder.encode([prompt]).to(self.device)  # the student casts to its compute dtype
         steps = inference_schedule(self.settings.num_blocks, self.settings.steps, self.settings.schedule)
         renoise = torch.Generator(device=self.device).manual_seed(noise_seed(prompt_id(prompt, seed)) ^ 1)
-        return self.noise(prompt, seed).to(dtype), text, steps, renoise
+        return self.noise(prompt, seed), text, steps, renoise
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         return video_to_clips(self.codec.decode(latents.float()))[0]

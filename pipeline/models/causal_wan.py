@@ -27,6 +27,11 @@ not through attributes on the processors: one model can serve forwards from seve
 a gradient-checkpoint recompute sees the context of the forward it recomputes. The processors must be
 ours: after `set_attn_processor` the causal and cached modes raise until `install_causal_processors()`.
 
+Precision: a model computes in its declared `compute_dtype` (float32 unless the loader or a bf16
+DeepSpeed engine declares otherwise), never a dtype read off a parameter: diffusers keeps some modules
+in float32 (`_keep_in_fp32_modules`), so a bf16 model's first parameter may well be float32. `forward`
+casts its inputs to it; what it returns is in that dtype.
+
 Dropped relative to the parent: image conditioning (I2V) in the causal and cached modes, and context
 parallelism (`_cp_plan`) in those modes; both raise or are unused rather than silently ignored.
 """
@@ -231,6 +236,7 @@ class CausalWanModel(WanTransformer3DModel):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.compute_dtype = torch.float32  # declared by whoever casts the model (see the module doc)
         self.install_causal_processors()
 
     # diffusers reads a model's config keys off its __init__ signature: expose the parent's.
@@ -299,6 +305,8 @@ class CausalWanModel(WanTransformer3DModel):
             )
         if call is not None and encoder_hidden_states_image is not None:
             raise NotImplementedError("image conditioning (I2V) is not supported in causal or cached mode")
+        hidden_states = hidden_states.to(self.compute_dtype)  # the model boundary: inputs in its dtype
+        encoder_hidden_states = encoder_hidden_states.to(self.compute_dtype)
         frame_offset = kv_cache.num_frames if kv_cache is not None else 0
         sample, features = self._run(hidden_states, timestep, encoder_hidden_states, call, frame_offset, feature_layers)
         if kv_cache is not None:

@@ -124,13 +124,23 @@ class Critic(nn.Module):
         self.heads = heads
         self.feature_layers = tuple(sorted(feature_layers))
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The trunk's declared compute dtype; the heads run in it too (they read its features)."""
+        return self.trunk.compute_dtype
+
+    @compute_dtype.setter
+    def compute_dtype(self, dtype: torch.dtype) -> None:
+        self.trunk.compute_dtype = dtype
+
     def forward(
         self, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, with_logits: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(velocity, logits or None) from one trunk forward."""
+        """(velocity, logits or None) from one trunk forward; inputs are cast by the trunk, the logits
+        come back in fp32."""
         layers = self.feature_layers if with_logits else ()
         out = self.trunk(x_t, timestep, text, feature_layers=layers)
-        logits = self.heads(out.features, timestep) if with_logits else None
+        logits = self.heads(out.features, timestep).float() if with_logits else None
         return out.sample, logits
 
     def logits(self, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

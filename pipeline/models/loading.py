@@ -17,7 +17,7 @@ from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.discriminator import Critic, build_gan_heads
 from pipeline.models.text import TextEncoder
 from pipeline.models.wan_weights import (
-    WAN_CONFIGS, _cast_like_from_pretrained, is_original_layout, load_wan, original_to_diffusers, strip_wrapper_prefixes,
+    WAN_CONFIGS, cast_like_from_pretrained, is_original_layout, load_wan, original_to_diffusers, strip_wrapper_prefixes,
 )
 from pipeline.storage import check_exists, is_local, naming
 
@@ -38,7 +38,7 @@ def load_teacher(cfg: ModelConfig, device: str | torch.device = "cpu") -> Causal
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             # Cast as a loaded teacher is: `.to(dtype)` would cast the fp32-kept modules and warn.
-            model = _cast_like_from_pretrained(CausalWanModel(**WAN_CONFIGS[cfg.teacher_arch]), dtype)
+            model = cast_like_from_pretrained(CausalWanModel(**WAN_CONFIGS[cfg.teacher_arch]), dtype)
     return model.to(device).eval().requires_grad_(False)
 
 

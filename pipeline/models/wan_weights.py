@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.models.causal_wan import CausalWanModel
-from pipeline.storage import local_copy
+from pipeline.storage import node_cache
 
 # diffusers WanTransformer3DModel configs of the released T2V models, and the tiny ones used in tests.
 WAN_CONFIGS: dict[str, dict[str, Any]] = {
@@ -129,11 +129,11 @@ def read_state_dict(path: str, entry: str | None = None) -> dict[str, torch.Tens
     `entry` picks a sub-dict of a training checkpoint (e.g. "generator_ema"); by default the first of
     generator_ema, generator, model, state_dict that is present, else the file's top level.
     """
-    with local_copy(path) as local:
-        if local.endswith(".safetensors"):
-            raw = load_file(local)
-        else:
-            raw = torch.load(local, map_location="cpu", weights_only=True)
+    local = node_cache(path)
+    if local.endswith(".safetensors"):
+        raw = load_file(local)
+    else:
+        raw = torch.load(local, map_location="cpu", weights_only=True)
     if entry is not None:
         if entry not in raw:
             raise KeyError(f"{path}: no entry '{entry}' (has: {sorted(raw)[:8]})")
@@ -158,24 +158,26 @@ def load_wan(
     """
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.isdir(fs_path):
-        with local_copy(path) as local:
-            return _own_memory(CausalWanModel.from_pretrained(local, torch_dtype=dtype))
+        local = node_cache(path)
+        return cast_like_from_pretrained(_own_memory(CausalWanModel.from_pretrained(local, torch_dtype=dtype)), dtype)
     if config is None:
         raise ValueError(f"{path}: a single weights file needs a model config (one of {sorted(WAN_CONFIGS)})")
     model = CausalWanModel(**(WAN_CONFIGS[config] if isinstance(config, str) else config))
     load_strict(model, read_state_dict(path, entry), source=path)
-    return _cast_like_from_pretrained(model, dtype)
+    return cast_like_from_pretrained(model, dtype)
 
 
-def _cast_like_from_pretrained(model: CausalWanModel, dtype: torch.dtype) -> CausalWanModel:
+def cast_like_from_pretrained(model: CausalWanModel, dtype: torch.dtype) -> CausalWanModel:
     """Cast floating tensors to `dtype` except those of the class's `_keep_in_fp32_modules`, with the rule
-    diffusers' from_pretrained applies (a module name equal to one dotted component of the tensor name).
-    `model.to(dtype)` would cast those too, and logs a warning for every dtype, float32 included."""
+    diffusers' from_pretrained applies (a module name equal to one dotted component of the tensor name),
+    and declare `dtype` the model's compute dtype. `model.to(dtype)` would cast the kept modules too,
+    and logs a warning for every dtype, float32 included."""
     keep = set(type(model)._keep_in_fp32_modules or ())
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if tensor.is_floating_point():
                 tensor.data = tensor.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
+    model.compute_dtype = dtype
     return model
 
 
