@@ -195,8 +195,13 @@ class TrackingConfig:
     tracking_uri: str = ""  # empty = sqlite:///./mlflow.db; "none" = no tracking
     experiment: str = "oneforce"
     run_name: str = ""
-    sample_every: int = 50  # training: log sample videos of the student every this many steps
+    sample_every: int = 50  # training: log sample videos of the student every this many steps; 0 = never
     sample_prompts: int = 4  # ... on this many fixed prompts of the dataset
+
+    def __post_init__(self) -> None:
+        for key in ("sample_every", "sample_prompts"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"tracking.{key} must be >= 0 (0 turns sample videos off), got {getattr(self, key)}")
 
 
 @dataclass

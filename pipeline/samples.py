@@ -4,6 +4,7 @@ noise, one step per block, decoded by the run's codec; written as one mp4 grid a
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from pipeline import data
 from pipeline.config import Config
 from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.codec import load_codec, video_to_clips
+from pipeline.models.loading import torch_dtype
+from pipeline.models.wan_weights import cast_like_from_pretrained
 from pipeline.rollout import inference_schedule, rollout, training_steps
 from pipeline.video import grid, to_uint8, write_mp4
 
@@ -32,19 +35,32 @@ def fixed_samples(output: str, count: int) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=2)
+def _codec(spec: str, dtype: torch.dtype, device: str):
+    """The run's codec, loaded once per process and device (a Wan VAE is downloaded once, not per render)."""
+    return load_codec(spec, dtype).to(device)
+
+
 @torch.no_grad()
-def render(architecture: dict[str, Any], weights: dict[str, torch.Tensor], samples: dict[str, Any], cfg: Config) -> np.ndarray:
-    """Clips (N, T, H, W, 3) in [0, 1] of the student with `weights` on the fixed samples."""
-    model = CausalWanModel.from_config(architecture)
+def render(
+    architecture: dict[str, Any], weights: dict[str, torch.Tensor], samples: dict[str, Any], cfg: Config,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Clips (N, T, H, W, 3) in [0, 1] of the student with `weights` on the fixed samples, computed on
+    `device` in the run's `model.dtype` (a Train worker renders on its own accelerator)."""
+    dtype = torch_dtype(cfg.model.dtype)
+    with torch.device(device):
+        model = CausalWanModel.from_config(architecture)
     model.load_state_dict(weights)
-    model.eval()
+    model = cast_like_from_pretrained(model.eval().requires_grad_(False), dtype)
     m = cfg.model
     shape = (model.config.in_channels, m.num_latent_frames, m.latent_height, m.latent_width)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(data.noise_seed(i))) for i in samples["id"]])
     steps = training_steps(cfg.method.denoising_steps, cfg.method.shift, cfg.method.warp_denoising_steps)
     schedule = inference_schedule(m.num_blocks, steps, cfg.method.inference_schedule)
-    latents = rollout(model, noise, samples["text"], schedule, m.frames_per_block, context_noise=cfg.method.context_noise).x0
-    return video_to_clips(load_codec(m.codec).decode(latents))
+    text = samples["text"].to(device)
+    latents = rollout(model, noise.to(device), text, schedule, m.frames_per_block, context_noise=cfg.method.context_noise).x0
+    return video_to_clips(_codec(m.codec, dtype, str(device)).decode(latents.float()))
 
 
 def frame_strip(clips: np.ndarray, gap: int = 2) -> np.ndarray:

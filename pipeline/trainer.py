@@ -226,8 +226,8 @@ def train_worker(spec: RunSpec) -> None:
             progress.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("dmd", "critic_flow", "ode_loss", "s_per_step")})
             progress.update(1)
         current_ema = step_ctx.ema if step_ctx is not None else None
-        if spec.tracking_uri and spec.samples and (state.step % cfg.tracking.sample_every == 0 or state.step == cfg.train.steps):
-            _log_samples(cfg, spec, engines["student"], current_ema, tracker, state.step)
+        if spec.samples and (state.step % cfg.tracking.sample_every == 0 or state.step == cfg.train.steps):  # none at 0
+            _log_samples(cfg, spec, engines["student"], current_ema, tracker, state.step, device)
         if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:
             name = checkpoint_name(state.step)
             if spec.critic is not None and rank == 0:  # the group writes its shards into the same directory
@@ -248,15 +248,17 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
-def _log_samples(cfg: Config, spec: RunSpec, student: DeepSpeedOptimised, ema: EMA | None, tracker, step: int) -> None:
+def _log_samples(
+    cfg: Config, spec: RunSpec, student: DeepSpeedOptimised, ema: EMA | None, tracker, step: int, device: torch.device
+) -> None:
     """Render the fixed samples with the EMA (or, before it starts, the student) and log them. Every
-    rank takes part in gathering the weights (ZeRO-3); rank 0 renders."""
+    rank takes part in gathering the weights (ZeRO-3); rank 0 renders on its own device."""
     from pipeline.samples import render, write_samples
 
     weights = ema.state if ema is not None else student.full_state()
     if tracker is None:
         return
-    clips = render(dict(student.module.config), weights, spec.samples, cfg)
+    clips = render(dict(student.module.config), weights, spec.samples, cfg, device)
     with tempfile.TemporaryDirectory(prefix="oneforce-samples-") as folder:
         for path in write_samples(clips, folder, step, cfg.generate.fps):
             tracker.log_artifact(str(path), "samples")
@@ -376,7 +378,8 @@ def fit(
     spec = RunSpec(
         config=cfg.to_dict(), mode=mode, info=info, negative=data.read_negative_prompt(cfg.data.output),
         teacher=teacher, critic=critic, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id,
-        samples=fixed_samples(cfg.data.output, cfg.tracking.sample_prompts) if tracking_uri and cfg.model.codec else {},
+        samples=fixed_samples(cfg.data.output, cfg.tracking.sample_prompts)
+        if tracking_uri and cfg.model.codec and cfg.tracking.sample_every > 0 else {},
     )
     r = cfg.ray
     storage_path, storage_filesystem = ray_storage(f"{storage_root(cfg).rstrip('/')}/{run_name(cfg)}")
