@@ -110,12 +110,9 @@ def export_student(
     def build(folder: Path) -> None:
         model.save_pretrained(folder / "transformer")
         load_text_encoder(dataclasses.replace(cfg.model, dtype="float32")).save_pretrained(folder)
-        if cfg.model.codec:
+        if cfg.model.codec:  # in the layout generation reads, whatever the layout it came in
             codec = load_codec(cfg.model.codec)
-            if isinstance(codec, PatchCodec):
-                codec.save_pretrained(folder / "codec")
-            else:
-                shutil.copytree(cfg.model.codec, folder / "vae")
+            codec.save_pretrained(folder / ("codec" if isinstance(codec, PatchCodec) else "vae"))
         settings = {"model": generation_settings(cfg), "source": source or {}}
         (folder / EXPORT_SETTINGS).write_text(json.dumps(settings, indent=1))
 

@@ -137,3 +137,67 @@ class local_copy:
     def __exit__(self, *exc: object) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights from object storage: downloaded once per node, shared by every role and job on it
+# ---------------------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """Where remote weights are kept on this node: $ONEFORCE_CACHE, else ~/.cache/oneforce/weights."""
+    configured = os.environ.get("ONEFORCE_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "oneforce" / "weights"
+
+
+def _content_key(fs: fsspec.AbstractFileSystem, path: str, url: str) -> str:
+    """A digest of the URL and of what is there now (every file's name, size and ETag, or modification
+    time where the store has no ETag): a changed upload gets a new cache entry, an unchanged one the old."""
+    import hashlib
+    import json
+
+    if fs.isdir(path):
+        entries = fs.find(path, detail=True)
+        root = path.rstrip("/") + "/"
+        listing = sorted((name.removeprefix(root), info.get("size"), str(info.get("ETag") or info.get("mtime") or ""))
+                         for name, info in entries.items())
+    else:
+        info = fs.info(path)
+        listing = [("", info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""))]
+    if not listing:
+        raise FileNotFoundError(f"{url}: an empty directory")
+    return hashlib.sha256(json.dumps([url, listing]).encode()).hexdigest()[:20]
+
+
+def node_cache(url: str, what: str = "") -> str:
+    """A local path holding `url` (a file or a directory): the path itself when local, else a copy in
+    this node's cache (`cache_root()`), downloaded once per content and reused by every process on the
+    node (a teacher actor, the Train workers and the encoder share one download). Concurrent callers wait
+    for one download (a file lock); a download lands under a temporary name and is renamed into place
+    whole, so an interrupted one is never taken for complete."""
+    import fcntl
+    import shutil
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if is_local(fs):
+        return path
+    name = Path(path.rstrip("/")).name
+    with naming(url, what):
+        if not fs.exists(path):
+            raise FileNotFoundError(f"{what}={url}: no such file or directory" if what else f"{url}: no such file or directory")
+        key = _content_key(fs, path, url)
+        entry = cache_root() / key
+        if (entry / name).exists():
+            return str(entry / name)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with open(entry.parent / f".{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if (entry / name).exists():  # another process finished it while we waited
+                return str(entry / name)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
+            try:
+                fs.get(path, str(tmp / name), recursive=fs.isdir(path))
+                os.replace(tmp, entry)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return str(entry / name)

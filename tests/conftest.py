@@ -31,21 +31,24 @@ def tiny_model() -> CausalWanModel:
 
 
 # The servers a test may start (Ray's head and its processes, moto, MLflow's server and its workers):
-# a test that starts one stops it, and the session checks at its end that none is left.
+# a test that starts one stops it, and the session checks at its end that none is left. Ours are told
+# apart from another test session's on the same machine by a token in their environment, which every
+# process started from this one inherits (Ray's workers from the raylet).
+_SESSION_TOKEN = "ONEFORCE_TEST_SESSION"
 _SERVER = re.compile(r"ray start|raylet|gcs_server|ray::|ray/dashboard|log_monitor|runtime_env|moto\.server|mlflow|gunicorn|uvicorn")
 # What may stay in the temp folder: pytest's own (it keeps the last runs' tmp_path folders by design).
 _KEPT_IN_TMP = re.compile(r"pytest-of-.*")
 
 
-def _servers_started_since(started: float) -> list[str]:
+def _our_servers(token: str) -> list[str]:
     me = os.getpid()
     left = []
-    for proc in psutil.process_iter(["pid", "create_time", "cmdline"]):
+    for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             command = " ".join(proc.info["cmdline"] or [])
-            if proc.info["pid"] != me and proc.info["create_time"] >= started and _SERVER.search(command):
+            if proc.info["pid"] != me and _SERVER.search(command) and proc.environ().get(_SESSION_TOKEN) == token:
                 left.append(f"pid {proc.info['pid']}: {command[:160]}")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return left
 
@@ -56,10 +59,11 @@ def leaves_nothing_behind():
     the temp folder. Session fixtures stop in the reverse order they started, and this one starts
     first, so the shared Ray head and the S3 server have been stopped when it looks."""
     tmp = Path(tempfile.gettempdir())
-    before, started = set(os.listdir(tmp)), time.time() - 1
+    before, token = set(os.listdir(tmp)), f"{os.getpid()}-{time.time()}"
+    os.environ[_SESSION_TOKEN] = token
     yield
     deadline = time.time() + 60  # processes of a stopped Ray exit within seconds of their head
-    while (servers := _servers_started_since(started)) and time.time() < deadline:
+    while (servers := _our_servers(token)) and time.time() < deadline:
         time.sleep(1)
     new = sorted(name for name in set(os.listdir(tmp)) - before if not _KEPT_IN_TMP.fullmatch(name))
     problems = [f"server still running: {s}" for s in servers] + [f"left in {tmp}: {name}" for name in new]
@@ -74,9 +78,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def s3_server(tmp_path_factory):
     """A real S3-compatible server (moto) on 127.0.0.1 with a bucket `oneforce-test`; yields the
-    environment that fsspec/s3fs/boto read, already exported into os.environ."""
+    environment that fsspec/s3fs/boto read, already exported into os.environ, with the node cache of
+    downloaded weights (ONEFORCE_CACHE) in the session's temporary folder."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -86,6 +91,7 @@ def s3_server():
     env = {
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint,
+        "ONEFORCE_CACHE": str(tmp_path_factory.mktemp("node_cache")),
     }
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():

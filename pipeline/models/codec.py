@@ -22,6 +22,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from torch import nn
 
+from pipeline.storage import node_cache
+
 
 class Codec(Protocol):
     """What the rest of the project relies on."""
@@ -138,6 +140,10 @@ class WanVAECodec(nn.Module):
             path = path / "vae"
         return cls(AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype))
 
+    def save_pretrained(self, path: str | Path) -> None:
+        """The VAE's own diffusers folder (config.json + weights): `load_codec(path)` reads it back."""
+        self.vae.save_pretrained(path)
+
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         s, k = self.spatial_factor, self.temporal_factor
         if (frames - 1) % k or height % s or width % s:
@@ -163,6 +169,7 @@ def load_codec(spec: str, dtype: torch.dtype = torch.float32) -> PatchCodec | Wa
         if not size.isdigit():
             raise ValueError(f"codec spec {spec!r}: expected 'patch:<int>', e.g. 'patch:4'")
         return PatchCodec(int(size))
+    spec = node_cache(spec)  # s3:// and other fsspec URLs: this node's copy
     if (Path(spec) / "codec.json").is_file():
         saved = json.loads((Path(spec) / "codec.json").read_text())
         return PatchCodec(saved["patch_size"], saved.get("latents_mean"), saved.get("latents_std"))

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from pipeline import toyworld
+from pipeline.storage import node_cache
 
 # T5's special-token ids: padding 0, end of sequence 1, unknown 2.
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -114,7 +115,7 @@ class TextEncoder(nn.Module):
         max_length defaults to the tokenizer's `model_max_length`, or Wan's 512 when that is unset
         (tokenizers without one report a huge sentinel).
         """
-        path = Path(path)
+        path = Path(node_cache(str(path)))  # s3:// and other fsspec URLs: this node's copy
         if not path.is_dir():
             raise FileNotFoundError(f"text encoder directory {str(path)!r} does not exist")
         tokenizer_dir, encoder_dir = _parts(path)
