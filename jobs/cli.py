@@ -38,9 +38,11 @@ def parse(
     argv: list[str] | None = None,
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
     plan: Callable[[Config], dict] | None = None,
+    check: Callable[[Config, argparse.Namespace], None] | None = None,
 ):
     """(config, args). Overrides are `section.key=value`; `--dry-run` prints the resolved config (and,
-    for jobs that pass `plan`, where each role would run) and exits without starting anything."""
+    for jobs that pass `plan`, where each role would run), runs the job's `check` of its weight paths
+    (layouts and shapes from headers only) and exits without starting anything."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="experiment YAML (configs/*.yaml); defaults otherwise")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, exit")
@@ -58,6 +60,12 @@ def parse(
         print(cfg.to_yaml())
         if plan is not None:
             print(yaml.safe_dump({"plan": plan(cfg)}, sort_keys=False))
+        if check is not None:
+            try:
+                check(cfg, args)
+            except (OSError, ValueError, KeyError) as err:
+                _exit_bad_input(str(err))
+            print("weights: every path's layout and shapes check out")
         sys.exit(0)
     return cfg, args
 
@@ -72,7 +80,8 @@ def run_main(
     description: str,
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
     plan: Callable[[Config], dict] | None = None,
+    check: Callable[[Config, argparse.Namespace], None] | None = None,
 ) -> None:
     """Parse, then run `main` under the shared failure handling (pipeline/failures.py)."""
-    cfg, args = parse(description, extra=extra, plan=plan)
+    cfg, args = parse(description, extra=extra, plan=plan, check=check)
     run_guarded(lambda: main(cfg, args), job=Path(sys.argv[0]).stem or "job")

@@ -50,5 +50,11 @@ def plan(cfg: Config) -> dict:
     return resource_plan(cfg, "distill")
 
 
+def check(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.trainer import check_weights
+
+    check_weights(cfg, "distill")
+
+
 if __name__ == "__main__":
-    run_main(main, __doc__, extra_args, plan)
+    run_main(main, __doc__, extra_args, plan, check)

@@ -43,5 +43,11 @@ def plan(cfg: Config) -> dict:
     return resource_plan(cfg, "ode_init")
 
 
+def check(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.trainer import check_weights
+
+    check_weights(cfg, "ode_init")
+
+
 if __name__ == "__main__":
-    run_main(main, __doc__, extra_args, plan)
+    run_main(main, __doc__, extra_args, plan, check)

@@ -31,10 +31,10 @@ from pipeline import data
 from pipeline.config import Config
 from pipeline.failures import about, init_ray
 from pipeline.flow import sampling_timesteps, schedule_through
-from pipeline.models.loading import check_weights, load_text_encoder, teacher_config, teacher_id
+from pipeline.models.loading import check_model_paths, load_text_encoder, teacher_config, teacher_id
 from pipeline.planning import SHOWN_BAD_LINES, RowPlan, merge, parse_prompt_files, plan_rows, ray_resources
 from pipeline.rollout import training_steps
-from pipeline.storage import check_exists, check_writable, naming
+from pipeline.storage import check_writable, naming
 from pipeline.tracking import open_tracker
 
 def teacher_schedule(cfg: Config) -> tuple[list[float], list[float]]:
@@ -64,6 +64,9 @@ def _encode_negative(model: dict[str, Any], prompt: str) -> tuple[Any, str]:
     return data.pack(embedding), str(embedding.dtype).removeprefix("torch.")
 
 
+MODEL_PATHS = ["teacher_path", "text_encoder_path", "codec"]  # the weights this job loads
+
+
 def preflight(cfg: Config) -> None:
     """What the driver can check in a second, before Ray and the MLflow run start (each of these used to
     surface from a Ray worker after half a minute of start-up): settings, inputs, the output."""
@@ -73,11 +76,7 @@ def preflight(cfg: Config) -> None:
         if spec:
             with naming(spec, key):
                 data.list_files(spec, data.PROMPT_SUFFIXES if key == "data.prompts" else (".jsonl", ".csv", ".parquet"))
-    check_weights(cfg.model, "teacher_path")  # exists; a single file fits model.teacher_arch
-    if cfg.model.text_encoder_path:
-        check_exists(cfg.model.text_encoder_path, "model.text_encoder_path")
-    if cfg.model.codec and not cfg.model.codec.startswith("patch:"):
-        check_exists(cfg.model.codec, "model.codec")
+    check_model_paths(cfg.model, MODEL_PATHS)  # layouts and shapes: headers and listings only
     check_writable(cfg.data.output, "data.output")
 
 
@@ -187,4 +186,4 @@ def main(cfg: Config, args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main, __doc__.splitlines()[0])
+    run_main(main, __doc__.splitlines()[0], check=lambda cfg, args: check_model_paths(cfg.model, MODEL_PATHS))

@@ -99,14 +99,38 @@ class AttachedTracker:
 
 
 def tracking_uri(cfg: TrackingConfig, store_dir: str = ".") -> str:
-    """`tracking.tracking_uri`, or by default a SQLite file `mlflow.db` in `store_dir` when that is local
-    (MLflow 3 writes no plain-file stores), else in the working directory."""
+    """`tracking.tracking_uri`; else MLFLOW_TRACKING_URI (cluster.yaml sets it on every node to the head's
+    `mlflow server`); else a SQLite file `mlflow.db` in `store_dir` when that is local (MLflow 3 writes no
+    plain-file stores), else in the working directory."""
     if cfg.tracking_uri:
         return cfg.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
     fs, path = fsspec.core.url_to_fs(store_dir)
     folder = Path(path) if is_local(fs) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(folder / 'mlflow.db').resolve()}"
+
+
+def check_reachable(uri: str, where: str = "the driver", timeout: float = 5.0) -> None:
+    """A tracking server (http:// or https://) answers its health check within `timeout` s, or one line
+    naming the URI and where it was tried from. (MLflow's own client retries for minutes first.) A
+    database or file store is local to whoever opens it: nothing to check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            cause = f"HTTP {response.status}"
+    except urllib.error.HTTPError as err:
+        cause = f"HTTP {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        cause = str(getattr(err, "reason", err))
+    raise ConnectionError(f"tracking.tracking_uri={uri}: the MLflow tracking server does not answer from {where} ({cause})")
 
 
 def open_tracker(cfg: TrackingConfig, run_dir: str, params: dict[str, Any], run_name: str, rank: int = 0) -> Tracker:

@@ -265,10 +265,15 @@ def _log_samples(
 
 
 def _worker_tracker(spec: RunSpec):
-    from pipeline.tracking import AttachedTracker, NullTracker
+    """Rank 0's handle on the driver's MLflow run; a tracking server this node cannot reach fails the
+    run here, before the first step, rather than at the first metric."""
+    import socket
+
+    from pipeline.tracking import AttachedTracker, NullTracker, check_reachable
 
     if not spec.tracking_uri or not spec.mlflow_run_id:
         return NullTracker()
+    check_reachable(spec.tracking_uri, f"Train worker rank 0 on {socket.gethostname()}")
     return AttachedTracker(spec.tracking_uri, spec.mlflow_run_id)
 
 
@@ -487,9 +492,8 @@ def _git_tags() -> dict[str, str]:
 
 
 def preflight(cfg: Config, mode: Mode) -> None:
-    """What can be checked on the driver before Ray and MLflow start: the dataset and the weights exist."""
-    import fsspec
-
+    """What can be checked on the driver before Ray and MLflow start: the dataset, and every weight
+    path's layout and shapes."""
     info = data.read_info(cfg.data.output)  # names the directory when it is not a dataset
     if not data.shard_paths(cfg.data.output):
         raise FileNotFoundError(f"data.output={cfg.data.output}: no shards; run jobs/preprocess.py first")
@@ -501,15 +505,25 @@ def preflight(cfg: Config, mode: Mode) -> None:
             f"data.output={cfg.data.output} holds latents of shape {list(info.latent.shape)}, the config asks for "
             f"{list(expected)} (model.num_latent_frames, model.latent_height, model.latent_width)"
         )
-    from pipeline.models.loading import check_weights
+    check_weights(cfg, mode)
+    if cfg.tracking.tracking_uri != "none":
+        from pipeline.tracking import check_reachable, tracking_uri
 
-    for key in ("teacher_path", "student_init_path" if mode == "ode_init" else "student_path"):
-        check_weights(cfg.model, key)  # exists; a single file fits model.*_arch; an empty path: the teacher fits the arch
-    if mode == "distill" or cfg.model.critic_path:  # ODE init builds no critic
-        check_weights(cfg.model, "critic_path")
-    path = cfg.model.text_encoder_path
-    if path and not fsspec.core.url_to_fs(path)[0].exists(fsspec.core.url_to_fs(path)[1]):
-        raise FileNotFoundError(f"model.text_encoder_path={path}: no such file or directory")
+        check_reachable(tracking_uri(cfg.tracking, run_dir(cfg, mode)))
+
+
+def weight_paths(mode: Mode) -> list[str]:
+    """The model paths a training job loads (ODE init builds no critic)."""
+    return ["teacher_path", "student_init_path" if mode == "ode_init" else "student_path",
+            *(["critic_path"] if mode == "distill" else []), "text_encoder_path", "codec"]
+
+
+def check_weights(cfg: Config, mode: Mode) -> None:
+    """Every weight path of the job: layout and shapes from headers and listings (local or s3); an
+    empty student or critic path: the teacher fits its architecture. Also `--dry-run`'s check."""
+    from pipeline.models.loading import check_model_paths
+
+    check_model_paths(cfg.model, weight_paths(mode))
 
 
 def student_latent_channels(cfg: Config, mode: Mode) -> int:

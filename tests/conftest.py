@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,8 +37,10 @@ def tiny_model() -> CausalWanModel:
 # process started from this one inherits (Ray's workers from the raylet).
 _SESSION_TOKEN = "ONEFORCE_TEST_SESSION"
 _SERVER = re.compile(r"ray start|raylet|gcs_server|ray::|ray/dashboard|log_monitor|runtime_env|moto\.server|mlflow|gunicorn|uvicorn")
-# What may stay in the temp folder: pytest's own (it keeps the last runs' tmp_path folders by design).
-_KEPT_IN_TMP = re.compile(r"pytest-of-.*")
+# What the stack writes to the temp folder when it ignores TMPDIR (Ray's session and lock folders,
+# multiprocessing's, tempfile's, ours, torch's compile cache, MLflow's): new ones in the machine's /tmp
+# fail the run. (Other programs' files in a shared /tmp are not the suite's business.)
+_OURS_IN_TMP = re.compile(r"ray|_ray_lockfiles|pymp-.*|tmp.*|oneforce.*|torchinductor_.*|mlflow.*")
 
 
 def _our_servers(token: str) -> list[str]:
@@ -54,19 +57,30 @@ def _our_servers(token: str) -> list[str]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def leaves_nothing_behind():
-    """Fails the session (an error at its end) when the tests left a server running or anything new in
-    the temp folder. Session fixtures stop in the reverse order they started, and this one starts
-    first, so the shared Ray head and the S3 server have been stopped when it looks."""
-    tmp = Path(tempfile.gettempdir())
-    before, token = set(os.listdir(tmp)), f"{os.getpid()}-{time.time()}"
-    os.environ[_SESSION_TOKEN] = token
-    yield
+def leaves_nothing_behind(tmp_path_factory):
+    """Every process the suite starts gets the session's own temporary folder (TMPDIR, which Ray,
+    multiprocessing and tempfile honour), removed at the end, as pytest's tmp_path folders are kept in
+    its own; the session fails (an error at its end) when the tests left a server running or wrote
+    into the machine's temp folder past TMPDIR. Session fixtures stop in the reverse order they
+    started and this one starts first, so the shared Ray head and the S3 server are down when it looks."""
+    tmp_path_factory.getbasetemp()  # pytest's folders stay where pytest keeps them (short paths: Ray's sockets)
+    system_tmp = Path(tempfile.gettempdir())
+    before, token = set(os.listdir(system_tmp)), f"{os.getpid()}-{time.time()}"
+    session_tmp = tempfile.mkdtemp(prefix="oneforce-tests-")
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ.update({_SESSION_TOKEN: token, "TMPDIR": session_tmp})
+    tempfile.tempdir = session_tmp
+    try:
+        yield
+    finally:
+        os.environ.pop("TMPDIR") if saved[0] is None else os.environ.update(TMPDIR=saved[0])
+        tempfile.tempdir = saved[1]
     deadline = time.time() + 60  # processes of a stopped Ray exit within seconds of their head
     while (servers := _our_servers(token)) and time.time() < deadline:
         time.sleep(1)
-    new = sorted(name for name in set(os.listdir(tmp)) - before if not _KEPT_IN_TMP.fullmatch(name))
-    problems = [f"server still running: {s}" for s in servers] + [f"left in {tmp}: {name}" for name in new]
+    shutil.rmtree(session_tmp, ignore_errors=True)
+    new = sorted(name for name in set(os.listdir(system_tmp)) - before if _OURS_IN_TMP.fullmatch(name))
+    problems = [f"server still running: {s}" for s in servers] + [f"left in {system_tmp}: {name}" for name in new]
     if problems:
         pytest.fail("the tests left things behind:\n" + "\n".join(problems), pytrace=False)
 

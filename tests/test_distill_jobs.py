@@ -5,15 +5,21 @@ jobs/generate.py on the export, with decoded clips, runs in tests/test_quickstar
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from pipeline import data
+from pipeline.tracking import check_reachable
 from pipeline.video import read_video
+from tests.conftest import _free_port
 from tests.test_ray_jobs import REPO, submit
 
 FRAMES = 3
@@ -66,19 +72,50 @@ def run_job(script: str, *args: str) -> str:
     return log
 
 
-def test_distill_by_ray_job_submit_then_resumed_in_the_same_mlflow_run(ray_cluster, tmp_path):
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback, as cluster.yaml runs one on the head: runs in SQLite, artifacts
+    proxied (served over HTTP into a folder). Yields its URI; stopped with its workers at the end."""
+    port = _free_port()
+    log = open(tmp_path / "mlflow-server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                check_reachable(uri, timeout=2)
+                break
+            except ConnectionError:
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "mlflow-server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_distill_by_ray_job_submit_then_resumed_in_the_same_mlflow_run(ray_cluster, mlflow_server, tmp_path):
+    """Logged to a real tracking server over HTTP, as on a cluster; the sample videos through its
+    artifact proxy."""
     import mlflow
 
     write_toy_debug_dataset(tmp_path / "data")
     address = f"ray.address={ray_cluster[0]}"
-    distill = job_config(tmp_path, "distill")  # the student starts from the (random) teacher's weights
+    # The student starts from the (random) teacher's weights.
+    distill = job_config(tmp_path, "distill", tracking={"tracking_uri": mlflow_server})
     result = submit(ray_cluster[1], ["python", "jobs/distill.py", "--config", str(distill)])
     log = result.stdout + result.stderr
     assert result.returncode == 0 and "succeeded" in log, log[-4000:]
     export = tmp_path / "runs" / "distill" / "distill" / "export"
     assert {p.name for p in export.iterdir()} >= {"transformer", "text_encoder", "tokenizer", "codec", "oneforce.json"}
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(mlflow_server)
     runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["oneforce"], output_format="list")}
     run = runs["distill:distill"]
     assert run.info.status == "FINISHED" and run.data.params["train.steps"] == "2"
@@ -93,6 +130,18 @@ def test_distill_by_ray_job_submit_then_resumed_in_the_same_mlflow_run(ray_clust
     run_job("jobs/distill.py", "--config", str(distill), address, "train.steps=4")
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "critic_flow")
     assert sorted(m.step for m in history) == [0, 1, 2, 3]
+
+
+def test_an_unreachable_tracking_server_is_one_line_before_anything_starts(tmp_path):
+    write_toy_debug_dataset(tmp_path / "data")
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    config = job_config(tmp_path, "unreachable", tracking={"tracking_uri": uri})
+    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", str(config)], capture_output=True, text=True,
+                            timeout=120, cwd=REPO)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"error: tracking.tracking_uri={uri}: the MLflow tracking server does not answer from the driver")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_dry_run_prints_the_resource_plan_and_starts_nothing(tmp_path):

@@ -28,7 +28,8 @@ from pipeline import failures
 from pipeline.config import ModelConfig
 from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.loading import check_weights
-from pipeline.models.wan_weights import WAN_CONFIGS, diffusers_to_original
+from pipeline.models.wan_weights import WAN_CONFIGS
+from tests.wan_releases import diffusers_dit_to_original
 from pipeline.storage import StorageError, check_exists, check_writable
 from tests.test_preprocess import _config
 
@@ -213,7 +214,7 @@ def test_weights_that_do_not_fit_their_arch_are_named_on_the_driver_with_the_arc
     student, critic = tmp_path / "student.safetensors", tmp_path / "critic.pt"
     save_file(state, student)
     # a Self-Forcing-style checkpoint: original Wan keys, wrapped and prefixed
-    torch.save({"generator_ema": {f"model.{k}": v for k, v in diffusers_to_original(state).items()}}, critic)
+    torch.save({"generator_ema": {f"model.{k}": v for k, v in diffusers_dit_to_original(state).items()}}, critic)
     cfg = ModelConfig(student_path=str(student), student_arch="toy", critic_path=str(critic), critic_arch="toy-debug")
     with pytest.raises(ValueError, match=(
         rf"^model.student_path={student}: the weights are not a 'toy' \(model.student_arch\): 69 tensors of another "

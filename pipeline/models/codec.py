@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+import fsspec
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
@@ -134,11 +135,14 @@ class WanVAECodec(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> WanVAECodec:
-        """Load a VAE folder, or a Wan diffusers checkout (its vae/ subfolder)."""
-        path = Path(path)
-        if (path / "vae").is_dir():
-            path = path / "vae"
-        return cls(AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype))
+        """Load a Diffusers VAE folder (config.json of AutoencoderKLWan), a Diffusers checkout (its vae/),
+        Wan's own `Wan2.1_VAE.pth`, or a Wan2.1 release folder holding it. Anything else is refused: a
+        folder with some other config.json (a release root names its DiT there) would otherwise build a
+        randomly initialised VAE with only warnings."""
+        found = vae_layout(fsspec.filesystem("file"), str(path))
+        if found.endswith(".pth"):
+            return cls(load_original_vae(found, dtype))
+        return cls(AutoencoderKLWan.from_pretrained(found, torch_dtype=dtype))
 
     def save_pretrained(self, path: str | Path) -> None:
         """The VAE's own diffusers folder (config.json + weights): `load_codec(path)` reads it back."""
@@ -162,8 +166,57 @@ class WanVAECodec(nn.Module):
         return self.vae.decode(z.to(self.vae.dtype)).sample.float()
 
 
+WAN_VAE_FILE = "Wan2.1_VAE.pth"  # the name in Wan2.1's own releases
+
+
+def vae_layout(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The Wan VAE at `path` on `fs` (local, or remote for the driver's checks): a Diffusers VAE folder
+    (config.json of AutoencoderKLWan), a Diffusers checkout's vae/, Wan's own `Wan2.1_VAE.pth`, or a
+    Wan2.1 release folder holding it. Anything else is refused: a folder with another config.json (a
+    release root names its DiT there) would build a randomly initialised VAE with only warnings."""
+    path = path.rstrip("/")
+    if fs.isdir(f"{path}/vae"):
+        path = f"{path}/vae"
+    if fs.isfile(f"{path}/{WAN_VAE_FILE}"):
+        path = f"{path}/{WAN_VAE_FILE}"
+    if fs.isfile(path) and path.endswith(".pth"):
+        return path
+    config = json.loads(fs.cat(f"{path}/config.json")) if fs.isfile(f"{path}/config.json") else {}
+    if config.get("_class_name") != "AutoencoderKLWan":
+        raise ValueError(
+            f"{path}: not a Wan VAE: expected a folder with an AutoencoderKLWan config.json, a Diffusers checkout "
+            f"with vae/, or {WAN_VAE_FILE}"
+        )
+    return path
+
+
+def load_original_vae(file: str | Path, dtype: torch.dtype = torch.float32) -> AutoencoderKLWan:
+    """Wan's own VAE checkpoint, keys converted by diffusers' `convert_wan_vae_to_diffusers`. Only the
+    widths are read from the weights (`base_dim`, `z_dim`); the rest is Wan2.1's VAE, which is what
+    diffusers' defaults and its converter describe."""
+    from accelerate import init_empty_weights
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    raw = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    state = convert_wan_vae_to_diffusers({k: v for k, v in raw.items() if isinstance(v, torch.Tensor)})
+    if "encoder.conv_in.weight" not in state or "post_quant_conv.weight" not in state:
+        raise ValueError(f"{file}: not a Wan VAE checkpoint (no encoder.conv1 / conv2 weights)")
+    base_dim, z_dim = state["encoder.conv_in.weight"].shape[0], state["post_quant_conv.weight"].shape[0]
+    with init_empty_weights(include_buffers=False):
+        vae = AutoencoderKLWan(base_dim=base_dim, z_dim=z_dim)
+    expected = vae.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state] + [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"shape {k}: file {list(v.shape)} vs model {list(expected[k].shape)}" for k, v in state.items()
+                 if k in expected and v.shape != expected[k].shape]
+    if problems:
+        raise ValueError(f"{file}: the weights do not match Wan2.1's VAE: {'; '.join(problems[:3])} ({len(problems)} in all)")
+    vae.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
+    return vae.to(dtype).eval()
+
+
 def load_codec(spec: str, dtype: torch.dtype = torch.float32) -> PatchCodec | WanVAECodec:
-    """"patch:<p>" -> PatchCodec(p); a directory -> the Wan VAE saved there."""
+    """"patch:<p>" -> PatchCodec(p); a saved patch codec, a Wan VAE folder or checkout, or Wan2.1_VAE.pth
+    (local or any fsspec URL) -> that codec."""
     if spec.startswith("patch:"):
         size = spec.removeprefix("patch:")
         if not size.isdigit():
@@ -173,9 +226,9 @@ def load_codec(spec: str, dtype: torch.dtype = torch.float32) -> PatchCodec | Wa
     if (Path(spec) / "codec.json").is_file():
         saved = json.loads((Path(spec) / "codec.json").read_text())
         return PatchCodec(saved["patch_size"], saved.get("latents_mean"), saved.get("latents_std"))
-    if Path(spec).is_dir():
+    if Path(spec).is_dir() or (Path(spec).is_file() and spec.endswith(".pth")):
         return WanVAECodec.from_pretrained(spec, dtype)
-    raise ValueError(f"codec spec {spec!r} is neither 'patch:<int>' nor an existing directory holding a Wan VAE")
+    raise ValueError(f"codec spec {spec!r} is neither 'patch:<int>' nor an existing Wan VAE folder or {WAN_VAE_FILE}")
 
 
 def clips_to_video(clips: np.ndarray) -> torch.Tensor:

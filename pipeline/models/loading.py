@@ -16,9 +16,7 @@ from pipeline.failures import about
 from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.discriminator import Critic, build_gan_heads
 from pipeline.models.text import TextEncoder
-from pipeline.models.wan_weights import (
-    WAN_CONFIGS, cast_like_from_pretrained, is_original_layout, load_wan, original_to_diffusers, strip_wrapper_prefixes,
-)
+from pipeline.models.wan_weights import WAN_CONFIGS, cast_like_from_pretrained, load_wan, locate_dit, to_diffusers_keys
 from pipeline.storage import check_exists, is_local, naming
 
 RANDOM_INIT_SEED = 0
@@ -53,14 +51,19 @@ def load_text_encoder(cfg: ModelConfig, device: str | torch.device = "cpu") -> T
     return encoder.to(device)
 
 
+def architecture_at(path: str, arch: str) -> dict:
+    """The diffusers config of the DiT at `path` without loading its weights: from its config.json
+    (either format), else the named built-in architecture `arch`."""
+    source = locate_dit(path)
+    if source.diffusers_dir is not None:
+        fs, root = fsspec.core.url_to_fs(source.diffusers_dir)
+        return json.loads(fs.cat(f"{root.rstrip('/')}/config.json"))
+    return dict(source.config) if source.config is not None else dict(WAN_CONFIGS[arch])
+
+
 def teacher_config(cfg: ModelConfig) -> dict:
-    """The teacher's architecture (diffusers config dict) without loading its weights: from the
-    directory's config.json, or the named built-in architecture."""
-    if cfg.teacher_path:
-        fs, path = fsspec.core.url_to_fs(cfg.teacher_path)
-        if fs.isdir(path):
-            return json.loads(fs.cat(f"{path.rstrip('/')}/config.json"))
-    return dict(WAN_CONFIGS[cfg.teacher_arch])
+    """The teacher's architecture (diffusers config dict) without loading its weights."""
+    return architecture_at(cfg.teacher_path, cfg.teacher_arch) if cfg.teacher_path else dict(WAN_CONFIGS[cfg.teacher_arch])
 
 
 def _same_architecture(config: dict, arch: str) -> bool:
@@ -117,16 +120,10 @@ def load_critic(cfg: Config, device: str | torch.device = "cpu") -> Critic:
 
 
 def student_architecture(cfg: ModelConfig, for_ode_init: bool = False) -> dict:
-    """The student's diffusers config without loading weights: its directory's config.json, the named
-    architecture for a single file, or the teacher's when the student starts from it."""
+    """The student's diffusers config without loading weights: its path's config.json (either format),
+    the named architecture for a training checkpoint, or the teacher's when the student starts from it."""
     path = cfg.student_init_path if for_ode_init else cfg.student_path
-    if not path:
-        return teacher_config(cfg)
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    config_path = f"{fs_path.rstrip('/')}/config.json"
-    if fs.isdir(fs_path) and fs.exists(config_path):
-        return json.loads(fs.cat(config_path))
-    return dict(WAN_CONFIGS[cfg.student_arch])
+    return architecture_at(path, cfg.student_arch) if path else teacher_config(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,6 +152,49 @@ def check_weights(cfg: ModelConfig, key: str) -> None:
         _check_teacher_fits(cfg, arch_key.removesuffix("_arch"), arch)
 
 
+def check_text_encoder(path: str, setting: str = "model.text_encoder_path") -> None:
+    """The text encoder's layout (`text.text_encoder_layout`) from listings only, local or remote."""
+    from pipeline.models.text import text_encoder_layout
+
+    check_exists(path, setting)
+    with naming(path, setting):
+        fs, root = fsspec.core.url_to_fs(path)
+        try:
+            text_encoder_layout(fs, root)
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(f"{setting}={path}: {str(err).split(': ', 1)[-1]}") from None
+
+
+def check_codec(spec: str, setting: str = "model.codec") -> None:
+    """A codec spec: `patch:<p>`, or a Wan VAE's layout (`codec.vae_layout`) from small files only."""
+    from pipeline.models.codec import vae_layout
+
+    if spec.startswith("patch:"):
+        return
+    check_exists(spec, setting)
+    with naming(spec, setting):
+        fs, root = fsspec.core.url_to_fs(spec)
+        if fs.isfile(f"{root.rstrip('/')}/codec.json"):  # a saved patch codec
+            return
+        try:
+            vae_layout(fs, root)
+        except ValueError as err:
+            raise ValueError(f"{setting}={spec}: {str(err).split(': ', 1)[-1]}") from None
+
+
+def check_model_paths(cfg: ModelConfig, keys: list[str]) -> None:
+    """Every weight path among `keys` (teacher_path, student_init_path, student_path, critic_path,
+    text_encoder_path, codec) checked for its layout and, for the DiTs, every tensor's shape: headers,
+    config files and listings only, local or s3, before anything starts (and in `--dry-run`)."""
+    for key in keys:
+        if key in WEIGHTS_ARCH:
+            check_weights(cfg, key)
+        elif key == "text_encoder_path" and cfg.text_encoder_path:
+            check_text_encoder(cfg.text_encoder_path)
+        elif key == "codec" and cfg.codec:
+            check_codec(cfg.codec)
+
+
 def check_checkpoint(checkpoint: str, student_arch: str) -> None:
     """`check_weights` for generation's --checkpoint: an export directory (diffusers pipeline layout,
     its transformer/ checked) or a single weights file read as `model.student_arch`."""
@@ -168,17 +208,20 @@ def check_checkpoint(checkpoint: str, student_arch: str) -> None:
 
 
 def check_weights_at(path: str, setting: str, arch: str, arch_setting: str) -> None:
-    """`check_weights` for one path given as `setting` (a directory carries its config; a single file
-    is read as `arch`, the value of `arch_setting`)."""
+    """`check_weights` for one path given as `setting`: its layout (`locate_dit`), then every tensor's
+    shape (safetensors headers; a local .pt opened memory-mapped) against its config.json, or against
+    `arch` (the value of `arch_setting`) where no config.json is beside the weights."""
     check_exists(path, setting)
     with naming(path, setting):
-        fs, root = fsspec.core.url_to_fs(path)
-        if fs.isdir(root):
-            root = root.rstrip("/")
-            if not fs.exists(f"{root}/config.json"):
-                raise FileNotFoundError(f"{setting}={path}: a weights directory needs the diffusers layout (config.json + safetensors); no config.json")
+        try:
+            source = locate_dit(path)
+        except ValueError as err:
+            raise ValueError(f"{setting}={err}") from None
+        fs = fsspec.core.url_to_fs(path)[0]
+        if source.diffusers_dir is not None:
+            root = fsspec.core.url_to_fs(source.diffusers_dir)[1].rstrip("/")
             config = json.loads(fs.cat(f"{root}/config.json"))
-            shapes: dict[str, tuple[int, ...]] = {}
+            shapes: dict[str, tuple[int, ...]] | None = {}
             for file in sorted(fs.glob(f"{root}/*.safetensors")):
                 shapes.update(_safetensors_shapes(fs, file, setting, path))
             if shapes:  # (.bin weights: diffusers names their mismatches itself)
@@ -186,8 +229,13 @@ def check_weights_at(path: str, setting: str, arch: str, arch_setting: str) -> N
                 if problems:
                     raise ValueError(f"{setting}={path}: config.json does not match the weights beside it: {problems}")
             return
-        shapes = _file_shapes(fs, root, path, setting)
+        shapes = _source_shapes(fs, source, setting)
     if shapes is None:
+        return
+    if source.config is not None:
+        problems = _mismatches(shapes, _expected_shapes(json.dumps(source.config, sort_keys=True)))
+        if problems:
+            raise ValueError(f"{setting}={path}: the weights do not match the config.json beside them: {problems}")
         return
     if arch not in WAN_CONFIGS:
         raise ValueError(f"{arch_setting}={arch}: not a known architecture (one of {sorted(WAN_CONFIGS)})")
@@ -222,32 +270,30 @@ def _safetensors_shapes(fs, file: str, setting: str, path: str) -> dict[str, tup
     return {k: tuple(v["shape"]) for k, v in entries.items() if k != "__metadata__"}
 
 
-def _file_shapes(fs, root: str, path: str, setting: str) -> dict[str, tuple[int, ...]] | None:
-    """Shapes of a single weights file in diffusers keys, as `read_state_dict` would load it; None when
-    that needs the whole file (a .pt that is remote or not in the zip format)."""
-    if root.endswith(".safetensors"):
-        raw: dict = _safetensors_shapes(fs, root, setting, path)
-    elif is_local(fs):
+def _source_shapes(fs, source, setting: str) -> dict[str, tuple[int, ...]] | None:
+    """Shapes of every tensor of a release's files or a training checkpoint, in diffusers keys, as
+    `read_state_dict` would load them; None when that needs whole files (a .pt that is remote or not in
+    the zip format)."""
+    raw: dict = {}
+    for file in source.files:
+        path = fsspec.core.url_to_fs(file)[1]
+        if path.endswith(".safetensors"):
+            raw.update(_safetensors_shapes(fs, path, setting, source.path))
+            continue
+        if not is_local(fs):
+            return None
         try:
-            raw = torch.load(root, map_location="cpu", mmap=True, weights_only=True)
+            loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except Exception:  # noqa: BLE001 - an old-format or odd file: the full load reports it
             return None
-        if not isinstance(raw, dict):
+        if not isinstance(loaded, dict):
             return None
         for name in ("generator_ema", "generator", "model", "state_dict"):
-            if isinstance(raw.get(name), dict):
-                raw = raw[name]
+            if isinstance(loaded.get(name), dict):
+                loaded = loaded[name]
                 break
-        raw = {k: tuple(v.shape) for k, v in raw.items() if isinstance(v, torch.Tensor)}
-    else:
-        return None
-    shapes = strip_wrapper_prefixes(raw)
-    if is_original_layout(shapes):
-        try:
-            shapes = original_to_diffusers(shapes)
-        except KeyError as err:
-            raise ValueError(f"{setting}={path}: {err.args[0]}") from None
-    return shapes
+        raw.update({k: tuple(v.shape) for k, v in loaded.items() if isinstance(v, torch.Tensor)})
+    return to_diffusers_keys(raw)
 
 
 def _mismatches(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str:

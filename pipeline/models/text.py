@@ -11,9 +11,11 @@ tiny randomly initialised `UMT5EncoderModel`. Saving and loading go through `sav
 from __future__ import annotations
 
 import html
+import json
 import re
 from pathlib import Path
 
+import fsspec
 import torch
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
@@ -84,11 +86,82 @@ def build_toy_encoder(
         return UMT5EncoderModel(config)
 
 
-def _parts(path: Path) -> tuple[Path, Path]:
-    """(tokenizer dir, encoder dir): a diffusers pipeline layout (tokenizer/, text_encoder/) or one folder."""
-    if (path / "text_encoder").is_dir():
-        return path / "tokenizer", path / "text_encoder"
+# Wan2.1's own release: its umT5-XXL encoder in Wan's module layout, and the tokenizer folder beside it.
+WAN_T5_PATTERN = "models_t5_*.pth"  # models_t5_umt5-xxl-enc-bf16.pth
+WAN_TOKENIZER = Path("google", "umt5-xxl")
+WAN_T5_MAX_DISTANCE = 128  # Wan's relative-position embedding has a fixed maximum distance
+
+
+def text_encoder_layout(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, str]:
+    """(tokenizer folder, encoder folder or Wan's .pth) of `path` on `fs` (local, or remote for the
+    driver's checks): a Diffusers checkout (tokenizer/, text_encoder/), a Wan2.1 release folder
+    (models_t5_*.pth + google/umt5-xxl/), Wan's .pth itself (its tokenizer beside it), or one folder
+    holding both (a transformers save). Raises one line naming the path and what was expected."""
+    path = path.rstrip("/")
+    if fs.isfile(path) and path.endswith(".pth"):
+        parent = path.rsplit("/", 1)[0]
+        tokenizer = next((d for d in (f"{parent}/{WAN_TOKENIZER.as_posix()}", f"{parent}/tokenizer") if fs.isdir(d)), None)
+        if tokenizer is None:
+            raise FileNotFoundError(f"{path}: Wan's text encoder needs its tokenizer beside it ({WAN_TOKENIZER.as_posix()}/ or tokenizer/)")
+        return tokenizer, path
+    if fs.isdir(f"{path}/text_encoder"):
+        return f"{path}/tokenizer", f"{path}/text_encoder"
+    wan = sorted(fs.glob(f"{path}/{WAN_T5_PATTERN}"))
+    if wan:
+        return text_encoder_layout(fs, wan[0])
+    config = json.loads(fs.cat(f"{path}/config.json")) if fs.isfile(f"{path}/config.json") else {}
+    if config.get("model_type") not in ("umt5", "t5"):  # a release root's config.json is its DiT's
+        raise FileNotFoundError(
+            f"{path}: not a text encoder: expected a Diffusers checkout (text_encoder/, tokenizer/), a Wan2.1 release "
+            f"({WAN_T5_PATTERN} + {WAN_TOKENIZER.as_posix()}/) or a transformers umT5 folder"
+        )
     return path, path
+
+
+def wan_t5_to_umt5(state: dict[str, torch.Tensor], source: str = "") -> tuple[UMT5Config, dict[str, torch.Tensor]]:
+    """Wan's umT5 encoder checkpoint (its own module names) as transformers' UMT5EncoderModel: the
+    config from the tensors' shapes, the keys renamed. Wan's feed-forward is fc1(x) * gelu(gate(x)),
+    transformers' wi_1(x) * gelu(wi_0(x)); every block has its own relative-position table, as umT5's."""
+    try:
+        vocab, dim = state["token_embedding.weight"].shape
+        layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        buckets, heads = state["blocks.0.pos_embedding.embedding.weight"].shape
+        dim_attn, d_ff = state["blocks.0.attn.q.weight"].shape[0], state["blocks.0.ffn.fc1.weight"].shape[0]
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{source}: not Wan's umT5 encoder checkpoint (missing {err})") from None
+    config = UMT5Config(
+        vocab_size=vocab, d_model=dim, d_kv=dim_attn // heads, d_ff=d_ff, num_layers=layers, num_heads=heads,
+        relative_attention_num_buckets=buckets, relative_attention_max_distance=WAN_T5_MAX_DISTANCE,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1,
+    )
+    renames = {"norm1.weight": "layer.0.layer_norm.weight", "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+               **{f"attn.{x}.weight": f"layer.0.SelfAttention.{x}.weight" for x in "qkvo"},
+               "norm2.weight": "layer.1.layer_norm.weight", "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
+               "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight", "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight"}
+    out = {"shared.weight": state["token_embedding.weight"], "encoder.embed_tokens.weight": state["token_embedding.weight"],
+           "encoder.final_layer_norm.weight": state["norm.weight"]}
+    for key, value in state.items():
+        if key.startswith("blocks."):
+            _, index, rest = key.split(".", 2)
+            if rest not in renames:
+                raise ValueError(f"{source}: unexpected key {key} for Wan's umT5 encoder")
+            out[f"encoder.block.{index}.{renames[rest]}"] = value
+    return config, out
+
+
+def load_wan_t5(file: Path, dtype: torch.dtype) -> UMT5EncoderModel:
+    from accelerate import init_empty_weights
+
+    raw = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    config, state = wan_t5_to_umt5({k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}, str(file))
+    with init_empty_weights(include_buffers=False):
+        encoder = UMT5EncoderModel(config)
+    missing = sorted(set(encoder.state_dict()) - set(state))
+    if missing:
+        raise ValueError(f"{file}: Wan's umT5 checkpoint lacks {missing[0]} ({len(missing)} missing)")
+    encoder.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    encoder.tie_weights()
+    return encoder
 
 
 class TextEncoder(nn.Module):
@@ -116,11 +189,14 @@ class TextEncoder(nn.Module):
         (tokenizers without one report a huge sentinel).
         """
         path = Path(node_cache(str(path)))  # s3:// and other fsspec URLs: this node's copy
-        if not path.is_dir():
-            raise FileNotFoundError(f"text encoder directory {str(path)!r} does not exist")
-        tokenizer_dir, encoder_dir = _parts(path)
+        if not path.exists():
+            raise FileNotFoundError(f"text encoder {str(path)!r} does not exist")
+        tokenizer_dir, encoder_source = text_encoder_layout(fsspec.filesystem("file"), str(path))
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        encoder = UMT5EncoderModel.from_pretrained(encoder_dir, dtype=dtype)
+        if encoder_source.endswith(".pth"):
+            encoder = load_wan_t5(Path(encoder_source), dtype)
+        else:
+            encoder = UMT5EncoderModel.from_pretrained(encoder_source, dtype=dtype)
         if max_length is None:
             max_length = tokenizer.model_max_length if tokenizer.model_max_length <= 100_000 else WAN_MAX_LENGTH
         return cls(tokenizer, encoder, max_length)
