@@ -8,6 +8,7 @@ line; MLflow runs end FAILED or KILLED accordingly.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.failures import EXIT_BAD_INPUT, run_guarded
+from pipeline.failures import EXIT_BAD_INPUT, VERBOSE_ENV, run_guarded
 
 
 def yaml_error_line(err: yaml.YAMLError, overrides: list[str]) -> str:
@@ -46,10 +47,14 @@ def parse(
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="experiment YAML (configs/*.yaml); defaults otherwise")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print Ray's own records and the workers' tracebacks as Ray prints them (else they go to the job's log)")
     if extra:
         extra(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-6")
     args = parser.parse_intermixed_args(argv)  # overrides may sit before, between or after options
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     try:
         cfg = load_config(args.config, args.overrides)
     except yaml.YAMLError as err:  # in the file, or in an override's value

@@ -242,15 +242,16 @@ class WorkerTracebacks:
             self.print_lines({**data, "lines": shown}, print_file, *args, **kwargs)
 
 
-class RayErrorsToLog(logging.Filter):
-    """On a console handler of Ray's driver loggers: error records and tracebacks (Ray Data's "Full
+class RayRecordsToLog(logging.Filter):
+    """On a console handler of Ray's driver loggers: info records ("Connecting to existing Ray cluster",
+    Ray Data's plans and progress on a non-terminal) and error records and tracebacks (Ray Data's "Full
     stack trace", "actors died during initialization") go to the job's log file; the error reaches the
-    user as run_guarded's one line. Info and warnings (Ray Data's progress) still print."""
+    user as run_guarded's one line, progress as the job's own bars. Warnings still print."""
 
     _format = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d -- %(message)s")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR and not record.exc_info:
+        if record.levelno == logging.WARNING and not record.exc_info:
             return True
         try:
             append_log(self._format.format(record))
@@ -259,18 +260,24 @@ class RayErrorsToLog(logging.Filter):
         return False
 
 
+VERBOSE_ENV = "ONEFORCE_VERBOSE"  # set by a job's --verbose: Ray's output prints as Ray prints it
+
+
 def quiet_ray_output() -> None:
-    """Route Ray's output on the driver as `WorkerTracebacks` and `RayErrorsToLog` say. Ray has no
-    public hook for the workers' output short of dropping all of it (`log_to_driver=False`, which also
-    drops the Train workers' progress bar), so this wraps `ray._private.worker.print_worker_logs`;
-    where another Ray version lacks it, the workers' output prints as Ray prints it."""
+    """Route Ray's output on the driver as `WorkerTracebacks` and `RayRecordsToLog` say, unless the job
+    runs with --verbose. Ray has no public hook for the workers' output short of dropping all of it
+    (`log_to_driver=False`, which also drops the Train workers' progress bar), so this wraps
+    `ray._private.worker.print_worker_logs`; where another Ray version lacks it, the workers' output
+    prints as Ray prints it."""
+    if os.environ.get(VERBOSE_ENV):
+        return
     import ray.data  # noqa: F401 - configures Ray Data's console logger, which gets the filter below
 
     for name in ["ray", *(n for n in list(logging.root.manager.loggerDict) if n.startswith("ray."))]:
         for handler in logging.getLogger(name).handlers:
             console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-            if console and not any(isinstance(f, RayErrorsToLog) for f in handler.filters):
-                handler.addFilter(RayErrorsToLog())
+            if console and not any(isinstance(f, RayRecordsToLog) for f in handler.filters):
+                handler.addFilter(RayRecordsToLog())
     try:  # both the worker-output thread and the error thread print through this one function
         from ray._private import worker as ray_worker
 
@@ -288,8 +295,8 @@ def init_ray(address: str = "") -> None:
 
     if ray.is_initialized():
         return
+    quiet_ray_output()  # first: ray.init's own records ("Connecting to ...") are routed too
     ray.init(address=address or None)
-    quiet_ray_output()
 
 
 def interrupt_signal(err: BaseException) -> int | None:

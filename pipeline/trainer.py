@@ -223,7 +223,8 @@ def train_worker(spec: RunSpec) -> None:
         if tracker is not None:
             if step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
                 tracker.log_metrics(metrics, step)
-            progress.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("dmd", "critic_flow", "ode_loss", "s_per_step")})
+            shown = " ".join(f"{k}={v:.3g}" for k, v in metrics.items() if k in ("dmd", "critic_flow", "ode_loss", "s_per_step"))
+            progress.set_description(f"{cfg.name} {shown}")
             progress.update(1)
         current_ema = step_ctx.ema if step_ctx is not None else None
         if spec.samples and (state.step % cfg.tracking.sample_every == 0 or state.step == cfg.train.steps):  # none at 0
@@ -278,9 +279,13 @@ def _worker_tracker(spec: RunSpec):
 
 
 def _progress(cfg: Config, start: int):
-    from tqdm import tqdm
+    """Rank 0's bar of steps, drawn in place on the driver by Ray's tqdm_ray (a worker's plain tqdm
+    reaches the driver's terminal as a new line per update)."""
+    from ray.experimental.tqdm_ray import tqdm
 
-    return tqdm(total=cfg.train.steps, initial=start, desc=cfg.name, unit="step", mininterval=1.0)
+    bar = tqdm(desc=cfg.name, total=cfg.train.steps, unit="step", flush_interval_s=1.0)
+    bar.n = start
+    return bar
 
 
 # ----------------------------------------------------------------------------------------------------

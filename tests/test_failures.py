@@ -367,3 +367,37 @@ def test_exit_code_2_is_bad_input_not_an_interrupt():
     assert interrupt_signal(SystemExit(2)) is None and run_status(SystemExit(2)) == "FAILED"
     assert interrupt_signal(SystemExit(signal.SIGTERM)) == signal.SIGTERM and run_status(SystemExit(signal.SIGTERM)) == "KILLED"
     assert interrupt_signal(KeyboardInterrupt()) == signal.SIGINT
+
+
+def test_rays_info_and_error_records_go_to_the_log_and_verbose_prints_them(tmp_path, monkeypatch):
+    """On the driver's console handlers: Ray's info ("Connecting to existing Ray cluster") and error
+    records go to the job's log, warnings print; --verbose (ONEFORCE_VERBOSE) leaves Ray's output alone."""
+    import logging
+
+    monkeypatch.setattr(failures, "_log_path", tmp_path / "job.log")
+    keep = failures.RayRecordsToLog()
+    record = lambda level, text: logging.LogRecord("ray", level, "worker.py", 1, text, None, None)  # noqa: E731
+    assert not keep.filter(record(logging.INFO, "Connecting to existing Ray cluster at address: 127.0.0.1"))
+    assert not keep.filter(record(logging.ERROR, "actors died during initialization"))
+    assert keep.filter(record(logging.WARNING, "the object store is full"))
+    text = (tmp_path / "job.log").read_text()
+    assert "Connecting to existing Ray cluster" in text and "actors died" in text and "object store" not in text
+
+    from ray._private import worker as ray_worker
+
+    def printer(data, print_file, *args, **kwargs):
+        pass
+
+    handler = logging.StreamHandler()
+    logging.getLogger("ray.oneforce_probe").addHandler(handler)
+    monkeypatch.setattr(ray_worker, "print_worker_logs", printer)
+    try:
+        monkeypatch.setenv(failures.VERBOSE_ENV, "1")
+        failures.quiet_ray_output()
+        assert ray_worker.print_worker_logs is printer and handler.filters == []
+        monkeypatch.delenv(failures.VERBOSE_ENV)
+        failures.quiet_ray_output()
+        assert isinstance(ray_worker.print_worker_logs, failures.WorkerTracebacks)
+        assert [type(f) for f in handler.filters] == [failures.RayRecordsToLog]
+    finally:
+        logging.getLogger("ray.oneforce_probe").removeHandler(handler)

@@ -1,0 +1,127 @@
+"""The true-width tier: the shipped Wan configs themselves, at the real models' widths, in bf16, every
+path on S3 (the session's moto server), end to end on the session's Ray cluster.
+
+The overrides shrink only depth, clip, batch and step counts, and move the roles' GPU resources to CPU
+shares: the teacher has the 14B's width (5120, 40 heads, ffn 13824) with 1 layer, in its original sharded
+release layout; the student and critic have the 1.3B's width (1536, 12 heads, ffn 8960) with 1 layer, in
+the Diffusers repository layout, beside a umT5 of Wan's text width (4096) and a Wan VAE of Wan's latent
+width (16 channels), both tiny otherwise. The chain is what a user runs: preprocess -> ODE init ->
+distillation (teacher and critic on actors) -> generation -> an mp4 that decodes. The chunkwise config
+then distils on the same dataset (its clip has the same length) from the same ODE-init export, which
+is all it changes on this path (blocks of 3 latent frames, its GAN tap and R1/R2); ODE init and
+generation with blocks of 3 run at toy size in tests/test_quickstart.py and tests/test_generation.py.
+About 9 jobs' worth of Ray start-up and ~6 GB through the S3 server make this the suite's longest test."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from transformers import UMT5Config, UMT5EncoderModel
+
+from pipeline.config import Config, load_config
+from pipeline.models.text import build_toy_tokenizer
+from pipeline.models.wan_weights import WAN_CONFIGS
+from tests.wan_releases import build_diffusers_release, build_sharded_original_dit, tiny_vae
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "s3://oneforce-test/true-width"
+STUDENT_LAYERS, TEACHER_LAYERS = 1, 1
+PROMPTS = "a red square moving left\na blue circle moving up, slow\n"
+
+
+def seeded(seed: int, build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+@pytest.fixture(scope="module")
+def releases(s3_server, tmp_path_factory) -> dict[str, str]:
+    """The weights at their real widths, written in the releases' layouts and uploaded to S3."""
+    local = tmp_path_factory.mktemp("true_width")
+    teacher = seeded(0, lambda: WanTransformer3DModel(**{**WAN_CONFIGS["wan2.1-t2v-14b"], "num_layers": TEACHER_LAYERS}))
+    build_sharded_original_dit(local / "Wan2.1-T2V-14B", teacher)
+    del teacher
+    student = seeded(1, lambda: WanTransformer3DModel(**{**WAN_CONFIGS["wan2.1-t2v-1.3b"], "num_layers": STUDENT_LAYERS}))
+    tokenizer = build_toy_tokenizer()
+    umt5 = seeded(2, lambda: UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=4096, d_kv=8, num_heads=4, d_ff=64, num_layers=1, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, relative_attention_max_distance=128)))
+    build_diffusers_release(local / "Wan2.1-T2V-1.3B-Diffusers", student, umt5, tokenizer, tiny_vae(3))
+    (local / "prompts.txt").write_text(PROMPTS)
+    fs = fsspec.filesystem("s3")
+    for name in ("Wan2.1-T2V-14B", "Wan2.1-T2V-1.3B-Diffusers", "prompts.txt"):
+        fs.put(str(local / name), f"{BUCKET.removeprefix('s3://')}/{name}", recursive=(local / name).is_dir())
+    fs.invalidate_cache()
+    return {"teacher": f"{BUCKET}/Wan2.1-T2V-14B", "repo": f"{BUCKET}/Wan2.1-T2V-1.3B-Diffusers", "prompts": f"{BUCKET}/prompts.txt"}
+
+
+def shipped(name: str, releases: dict[str, str], ray_address: str, tmp: Path, *extra: str) -> Config:
+    """configs/<name>.yaml with the tier's overrides (see the module doc) and `extra`."""
+    repo = releases["repo"]
+    return load_config(str(REPO / "configs" / f"{name}.yaml"), [
+        # where the weights and data are
+        f"model.teacher_path={releases['teacher']}", f"model.student_init_path={repo}", f"model.critic_path={repo}",
+        f"model.text_encoder_path={repo}", f"model.codec={repo}", f"data.prompts={releases['prompts']}",
+        f"data.output={BUCKET}/data", f"train.storage_path={BUCKET}/runs",
+        # depth, clip, batch and steps
+        "model.num_latent_frames=6", "model.latent_height=4", "model.latent_width=4", "method.gradient_num_blocks=2",
+        "method.discriminator.feature_layers=[0]", "data.teacher_steps=3", "train.steps=2", "train.checkpoint_every=2",
+        "train.ema_start_step=0", "data.batch_rows=2", "data.shard_rows=2",
+        # CPU shares instead of GPUs, on the session's cluster
+        f"ray.address={ray_address}", "ray.use_gpu=false", "ray.num_workers=1", "ray.resources_per_worker={CPU: 0.5}",
+        "ray.teacher_actors=1", "ray.teacher_resources={CPU: 0.25}", "ray.critic_actors=1", "ray.critic_resources={CPU: 0.25}",
+        "ray.encoder_actors=1", "ray.encoder_resources={CPU: 0.25}", "generate.actors=1", "generate.resources={CPU: 0.5}",
+        f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", "tracking.sample_every=2", "tracking.sample_prompts=1",
+        *extra,
+    ])
+
+
+def generate(cfg: Config, checkpoint: str, out: str, tmp: Path) -> Path:
+    """jobs/generate.py on the export; the first mp4, downloaded."""
+    from jobs import generate as job
+    from pipeline.planning import read_manifest
+
+    args = argparse.Namespace(checkpoint=checkpoint, prompts=cfg.data.prompts, out=out, config=None, overrides=[
+        f"ray.address={cfg.ray.address}", "generate.actors=1", "generate.resources={CPU: 0.5}", "tracking.tracking_uri=none"])
+    job.main(cfg, args)
+    rows = read_manifest(out)
+    assert len(rows) == 2
+    local = tmp / Path(rows[0]["path"]).name
+    fsspec.filesystem("s3").get(f"{out.removeprefix('s3://')}/{rows[0]['path']}", str(local))
+    return local
+
+
+def test_the_shipped_configs_at_true_width_in_bf16_on_s3(ray_local, ray_cluster, releases, tmp_path):
+    from jobs import distill, ode_init, preprocess
+    from pipeline import data, trainer
+    from pipeline.video import read_video
+
+    framewise = shipped("wan_1_3b_framewise", releases, ray_cluster[0], tmp_path)
+    assert framewise.model.dtype == "bfloat16" and framewise.ray.critic_placement == "actors"
+    preprocess.main(framewise, argparse.Namespace())
+    info = data.read_info(framewise.data.output)
+    assert info.latent.shape == (16, 6, 4, 4) and info.text_embedding.shape[-1] == 4096
+    assert len(data.written_ids(framewise.data.output)) == 2
+
+    ode_init.main(framewise, argparse.Namespace(export=False))
+    export = trainer.export_path(framewise, "ode_init")
+    dist = shipped("wan_1_3b_framewise", releases, ray_cluster[0], tmp_path, f"model.student_path={export}/transformer")
+    distill.main(dist, argparse.Namespace(export=False))
+    clip = read_video(str(generate(dist, trainer.export_path(dist, "distill"), f"{BUCKET}/videos/framewise", tmp_path)))
+    assert clip.shape == (21, 32, 32, 3)  # 6 latent frames -> 1 + 5 x 4 frames of 8 x 8 pixels per latent
+
+    # The chunkwise config: blocks of 3 latent frames, on the same dataset and from the same ODE init.
+    chunk = shipped("wan_1_3b_chunkwise", releases, ray_cluster[0], tmp_path, f"data.output={framewise.data.output}",
+                    f"model.student_path={export}/transformer")
+    assert chunk.model.frames_per_block == 3 and chunk.method.r1_weight > 0
+    distill.main(chunk, argparse.Namespace(export=False))
+    from pipeline.generation import ClipGenerator
+
+    generator = ClipGenerator.load(trainer.export_path(chunk, "distill"))  # from S3, its own settings
+    assert generator.settings.frames_per_block == 3 and generator.generate("a red square", 0).shape == (21, 32, 32, 3)
