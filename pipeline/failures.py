@@ -21,6 +21,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import datetime
+import json
 import logging
 import os
 import re
@@ -205,6 +206,10 @@ _TRACEBACK_GOES_ON = re.compile(
 # Ray's own processes whose stderr every driver of the cluster receives (the log monitor tails their
 # .err files): the GCS's records about other jobs' actors reach this job's terminal otherwise.
 _RAY_SYSTEM_PROCESSES = ("raylet", "gcs_server")
+# Ray's own actors in a job: Ray Train's controller ("Requesting resources", "Started training worker group")
+# and Ray Data's split coordinator (a dataset's plan): their records are Ray's, for the log.
+_RAY_SYSTEM_ACTORS = ("TrainController", "SplitCoordinator")
+_TQDM_MAGIC = "__ray_tqdm_magic_token__"  # ray.experimental.tqdm_ray.RAY_TQDM_MAGIC
 # A record of Ray's C++ core in a worker's stderr: "[2026-01-01 10:00:00,000 W 12 34] core_worker.cc:1: ..."
 _RAY_NATIVE_RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\]")
 
@@ -218,13 +223,16 @@ class WorkerTracebacks:
     def __init__(self, print_lines: Callable[..., None]) -> None:
         self.print_lines = print_lines
         self.in_traceback: set[tuple] = set()  # (worker, stream) whose last batch ended inside one
+        self.closed_bars: set[str] = set()
 
     def __call__(self, data: dict, print_file: object, *args: object, **kwargs: object) -> None:
         key = (data.get("ip"), data.get("pid"), data.get("is_err"))
         inside = key in self.in_traceback
-        system = data.get("pid") in _RAY_SYSTEM_PROCESSES
+        system = data.get("pid") in _RAY_SYSTEM_PROCESSES or data.get("actor_name") in _RAY_SYSTEM_ACTORS
         shown, logged = [], []
         for line in data.get("lines", []):  # a raylet report is one "line" holding a whole traceback
+            if self.is_stale_bar_state(line):
+                continue
             plain = _ANSI.sub("", line)
             if _TRACEBACK_START.search(plain):
                 inside = True
@@ -240,6 +248,23 @@ class WorkerTracebacks:
                 shown = data.get("lines", [])
         if shown:
             self.print_lines({**data, "lines": shown}, print_file, *args, **kwargs)
+
+    def is_stale_bar_state(self, line: str) -> bool:
+        """A tqdm_ray state line of a bar already closed. A Ray Train worker's output reaches the driver
+        twice (its .out and .err files), and Ray's bar manager draws a second "closed" state as a new
+        bar that nothing closes: every later line on the terminal would redraw it."""
+        if _TQDM_MAGIC not in line:
+            return False
+        try:
+            state = json.loads(line)
+        except ValueError:
+            return False
+        uuid = state.get("uuid")
+        if uuid in self.closed_bars:
+            return True
+        if state.get("closed"):
+            self.closed_bars.add(uuid)
+        return False
 
 
 class RayRecordsToLog(logging.Filter):

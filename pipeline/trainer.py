@@ -5,8 +5,8 @@ critic's), reads its shard of the preprocessed Parquet with `ray.train.get_datas
 functions of `pipeline.distill`, and every `train.checkpoint_every` steps writes one checkpoint directory:
 
     student/, critic/        DeepSpeed's own shards (every rank writes its part)
-    ema.safetensors          the fp32 EMA of the student (distillation, once it started)
-    weights.safetensors      what an export holds: the EMA, or the student's weights when there is none
+    ema.safetensors          the fp32 EMA of the student (distillation, once it started): what an export holds
+    weights.safetensors      the student's full weights, only while there is no EMA (what an export holds then)
     student_config.json      the student's architecture (diffusers config)
     rng/rank<r>.json         each rank's torch RNG states (CPU and CUDA)
     state.json               the next step, the data position, and the history of every step's metrics
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -122,7 +123,8 @@ class WorkerState:
 def save_checkpoint(
     directory: str, state: WorkerState, engines: dict[str, DeepSpeedOptimised], ema: EMA | None, rank: int
 ) -> None:
-    """Every rank writes its DeepSpeed shards and RNG; rank 0 the EMA, the export weights and the state."""
+    """Every rank writes its DeepSpeed shards and RNG; rank 0 the EMA (or, before it starts, the student's
+    full weights: one of the two, never the same tensors twice), the architecture and the state."""
     for name, engine in engines.items():
         engine.engine.save_checkpoint(directory, tag=name)
     weights = engines["student"].full_state() if ema is None else None  # a collective under ZeRO-3
@@ -131,7 +133,8 @@ def save_checkpoint(
     if rank == 0:
         if ema is not None:
             save_file(ema.state, f"{directory}/{EMA_FILE}")
-        save_file(ema.state if ema is not None else weights, f"{directory}/{WEIGHTS_FILE}")
+        else:
+            save_file(weights, f"{directory}/{WEIGHTS_FILE}")
         Path(f"{directory}/{ARCHITECTURE_FILE}").write_text(json.dumps(dict(engines["student"].module.config)))
         Path(f"{directory}/{STATE_FILE}").write_text(json.dumps({"step": state.step, "history": state.history}))
 
@@ -240,7 +243,8 @@ def train_worker(spec: RunSpec) -> None:
                     checkpoint_dir_name=name,
                 )
     if progress is not None:
-        progress.close()
+        progress.close()  # a line on stdout that tells the driver to drop the bar; Ray Train kills this
+        sys.stdout.flush()  # process when the loop returns, and a buffered line would leave the bar drawn
 
 
 def checkpoint_name(step: int) -> str:
@@ -456,7 +460,8 @@ def export_latest(cfg: Config, mode: Mode, checkpoint: str | None = None) -> str
     fs, root = fsspec.core.url_to_fs(checkpoint)
     step = json.loads(fs.cat(f"{root}/{STATE_FILE}"))["step"]
     architecture = json.loads(fs.cat(f"{root}/{ARCHITECTURE_FILE}"))
-    with local_copy(f"{checkpoint.rstrip('/')}/{WEIGHTS_FILE}") as weights:  # not the optimiser states
+    exported = EMA_FILE if fs.exists(f"{root}/{EMA_FILE}") else WEIGHTS_FILE
+    with local_copy(f"{checkpoint.rstrip('/')}/{exported}") as weights:  # not the optimiser states
         export_student(weights, architecture, cfg, export_path(cfg, mode), source={"checkpoint": checkpoint, "step": step})
     return export_path(cfg, mode)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -133,6 +134,9 @@ def test_two_workers_equal_plain_loop_on_the_rows_they_read(ray_local, tiny_data
     assert_same_losses(history, reference)
     with result.checkpoint.as_directory() as directory:  # the fp32 EMA, gathered from the partitions under ZeRO-3
         ema = load_file(f"{directory}/{trainer.EMA_FILE}")
+        assert not os.path.exists(f"{directory}/{trainer.WEIGHTS_FILE}")  # the EMA is written once
+    exported = load_file(f"{trainer.export_latest(cfg, 'distill', result.checkpoint.path)}/transformer/diffusion_pytorch_model.safetensors")
+    assert exported.keys() == ema.keys() and all(torch.equal(exported[k], ema[k]) for k in ema)  # an export holds the EMA
     assert ema.keys() == ctx.ema.state.keys() and all(v.dtype == torch.float32 for v in ema.values())
     # Each tensor against its own scale: a different reduction order under ZeRO-3 moves single elements
     # near zero by ~2e-5 of the tensor's largest value (norm ratio ~1e-6); an EMA from the wrong step

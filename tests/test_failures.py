@@ -185,13 +185,35 @@ def test_worker_tracebacks_go_to_the_log_while_progress_bars_still_print(tmp_pat
     route({"pid": 9, "ip": "10.0.0.1", "is_err": True, "actor_name": "TrainController", "lines": [
         "2026-01-01 10:00:00,000\tERROR controller.py:120 -- Training failed.", "Traceback (most recent call last):",
         '  File "x.py", line 1, in f', "ray.train.WorkerGroupError: 1 worker failed", "2026-01-01 10:00:01,000\tINFO x.py:1 -- done"]}, sys.stderr)
-    assert printed == [["toy:  10%|#         | 3/30"], ["toy:  20%|##        | 6/30"], ["toy:  30%|###       | 9/30"],
-                       ["2026-01-01 10:00:01,000\tINFO x.py:1 -- done"]]
+    route({"pid": 10, "ip": "10.0.0.1", "is_err": True, "actor_name": "SplitCoordinator", "lines": [
+        "Execution plan of Dataset train_0: InputDataBuffer[Input] -> OutputSplitter[split(1, equal=True)]"]}, sys.stderr)
+    assert printed == [["toy:  10%|#         | 3/30"], ["toy:  20%|##        | 6/30"], ["toy:  30%|###       | 9/30"]]
     text = (tmp_path / "distill.log").read_text()
     assert "Failed to kill actor 01ab" in text and "core_worker.cc:9: lost the GCS" in text
     assert "ValueError: model.critic_path=/x: bad" in text and "RuntimeError: boom" in text and "Task f failed" in text
-    assert "Training failed." in text and "WorkerGroupError" in text
+    assert "Training failed." in text and "WorkerGroupError" in text and "INFO x.py:1 -- done" in text
+    assert "Execution plan of Dataset train_0" in text  # Ray Train's controller and Ray Data's coordinator
     assert "[RayTrainWorker pid=7 ip=10.0.0.2]" in text
+
+
+def test_a_closed_progress_bar_state_reaches_rays_bar_manager_once(tmp_path, monkeypatch):
+    """A Train worker's lines arrive twice (its .out and .err): the second "closed" state of a bar would
+    make Ray's driver draw it again, for good. States of open bars and other bars still pass."""
+    import json
+
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+    monkeypatch.setattr(failures, "_log_path", tmp_path / "distill.log")
+    assert failures._TQDM_MAGIC == RAY_TQDM_MAGIC
+    printed = []
+    route = failures.WorkerTracebacks(lambda data, file, *rest: printed.extend(data["lines"]))
+
+    def state(uuid: str, x: int, closed: bool) -> str:
+        return json.dumps({"__magic_token__": RAY_TQDM_MAGIC, "x": x, "uuid": uuid, "closed": closed, "pid": 7})
+
+    for stream in ("out", "err"):
+        route({"pid": 7, "is_err": stream == "err", "lines": [state("a", 4, False), state("a", 8, True), state("b", 1, False)]}, sys.stderr)
+    assert printed == [state("a", 4, False), state("a", 8, True), state("b", 1, False), state("b", 1, False)]
 
 
 def test_a_broken_teacher_folder_fails_before_ray_starts(tmp_path):

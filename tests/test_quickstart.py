@@ -118,6 +118,11 @@ def test_fast_quickstart_end_to_end_then_a_rerun_reuses_every_stage(tmp_path):
     out = tmp_path / "qs"
     first = run_quickstart(out, timeout=1200)
     table = parse_table(first.stdout)
+    # Each Train run's bar is drawn while it runs and dropped when it ends (a closed bar drawn again
+    # would be redrawn under every later line of the job).
+    bars = first.stderr
+    assert "toy_ode_init ode_loss" in bars and "toy_distill critic" in bars
+    assert bars.rfind("toy_ode_init ode_loss") < bars.find("toy_distill critic")
     assert len(table) == 2 and any(k.startswith("teacher") for k in table) and any(k.startswith("student") for k in table)
     for values in table.values():
         assert all(math.isfinite(v) for v in values.values()) and 0 <= values["adherence"] <= 1
