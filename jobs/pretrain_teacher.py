@@ -24,6 +24,7 @@ from pipeline.config import Config
 from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.text import TextEncoder
 from pipeline.models.wan_weights import WAN_CONFIGS
+from pipeline.storage import load_pickled_tensors
 from pipeline.pretrain import (
     SamplerSettings, ToyBundle, ToyClips, ema_update, fit_patch_codec, flow_matching_loss, grade_bundle, new_ema,
 )
@@ -70,7 +71,7 @@ def main(cfg: Config, args: argparse.Namespace) -> None:
     state = TrainState()
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        saved = load_pickled_tensors(checkpoint, mmap=False)
         model.load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
         opt.load_state_dict(saved["optimizer"])

@@ -201,3 +201,22 @@ def node_cache(url: str, what: str = "") -> str:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return str(entry / name)
+
+
+def load_pickled_tensors(path: str | Path, name: str = "", mmap: bool = True):
+    """`torch.load` of a .pt / .pth with `weights_only=True`: tensors and plain containers, never code. A
+    file whose pickle asks for anything else (a crafted file runs its payload under a plain load) is
+    refused in one line naming it (`name`: the URL it came from, when `path` is its cached copy)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # torch's message opens with advice to retry with weights_only=False (exactly what not to do
+        # with such a file); the line that names what the pickle asked for is the one worth showing.
+        reason = next((line for line in lines if "GLOBAL" in line or "global" in line.split(" ", 3)[:3]), "")
+        what = f" ({reason[:200]})" if reason else ""
+        raise ValueError(f"{name or path}: refused to load: its pickle asks for more than tensors{what}") from None

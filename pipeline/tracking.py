@@ -9,6 +9,7 @@ own their run on the driver; the Train worker of rank 0 logs into it through an 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -139,12 +140,26 @@ def open_tracker(cfg: TrackingConfig, run_dir: str, params: dict[str, Any], run_
     return MLflowTracker(cfg, run_dir, params, run_name)
 
 
+_CREDENTIAL_KEY = re.compile(r"(^|_)(pass(word|wd)?|secret|token|credentials?|api_?key|access_?key|private_?key)(_|$)", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^/@:\s]*):[^/@\s]*@", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redacted(key: str, value: str) -> str:
+    """A config value as it may be written down: hidden when its key names a credential, and a URL's
+    password (scheme://user:password@host) cut out wherever it appears."""
+    if _CREDENTIAL_KEY.search(key.rsplit(".", 1)[-1]) and value not in ("", "None"):
+        return REDACTED
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> MLflow params ("train.lr": "1e-05"); MLflow caps values at 6000 chars."""
+    """Nested config -> MLflow params ("train.lr": "1e-05"), credentials redacted; MLflow caps values at
+    6000 chars."""
     flat: dict[str, str] = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = str(value)[:6000]
+            flat[f"{prefix}{key}"] = redacted(f"{prefix}{key}", str(value))[:6000]
     return flat

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -48,6 +49,38 @@ _SERVER = re.compile(r"ray start|raylet|gcs_server|ray::|ray/dashboard|log_monit
 _OURS_IN_TMP = re.compile(r"ray|_ray_lockfiles|pymp-.*|tmp.*|oneforce.*|torchinductor_.*|mlflow.*")
 
 
+# Credentials every process of the session sees, as a cluster's nodes see theirs (cluster.yaml exports the
+# MLflow ones into every node's Ray; AWS's come from the environment): marker values that the session
+# looks for, at its end, in every file the tests wrote. A job must never write one anywhere.
+_SECRET_PREFIX = f"oneforce-secret-{secrets.token_hex(6)}-"
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": f"{_SECRET_PREFIX}aws-key-id",
+    "AWS_SECRET_ACCESS_KEY": f"{_SECRET_PREFIX}aws-secret-key",
+    "MLFLOW_TRACKING_USERNAME": "oneforce-tests",
+    "MLFLOW_TRACKING_PASSWORD": f"{_SECRET_PREFIX}mlflow-password",
+}
+
+
+def _files_holding_secrets(roots: list[Path], since: float) -> list[str]:
+    """Files under `roots` written since `since` that contain a secret marker (all share one prefix)."""
+    needle, found = _SECRET_PREFIX.encode(), []
+    for root in roots:
+        for path in root.rglob("*") if root.exists() else []:
+            try:
+                if path.is_symlink() or not path.is_file() or path.stat().st_mtime < since:
+                    continue
+                with open(path, "rb") as f:
+                    tail = b""
+                    while chunk := f.read(1 << 23):
+                        if needle in tail + chunk:
+                            found.append(str(path))
+                            break
+                        tail = chunk[-len(needle):]
+            except OSError:  # a socket, or gone meanwhile
+                continue
+    return found
+
+
 def _our_servers(token: str) -> list[str]:
     me = os.getpid()
     left = []
@@ -66,14 +99,18 @@ def leaves_nothing_behind(tmp_path_factory):
     """Every process the suite starts gets the session's own temporary folder (TMPDIR, which Ray,
     multiprocessing and tempfile honour), removed at the end, as pytest's tmp_path folders are kept in
     its own; the session fails (an error at its end) when the tests left a server running or wrote
-    into the machine's temp folder past TMPDIR. Session fixtures stop in the reverse order they
-    started and this one starts first, so the shared Ray head and the S3 server are down when it looks."""
-    tmp_path_factory.getbasetemp()  # pytest's folders stay where pytest keeps them (short paths: Ray's sockets)
+    into the machine's temp folder past TMPDIR, or when a file it wrote holds one of the SECRETS (in the
+    tests' folders, the session's temp folder, Ray's logs there, MLflow's stores, the jobs' logs).
+    Session fixtures stop in the reverse order they started and this one starts first, so the shared
+    Ray head and the S3 server are down when it looks."""
+    from pipeline.failures import log_dir
+
+    basetemp = tmp_path_factory.getbasetemp()  # pytest's folders stay where pytest keeps them (short paths: Ray's sockets)
     system_tmp = Path(tempfile.gettempdir())
-    before, token = set(os.listdir(system_tmp)), f"{os.getpid()}-{time.time()}"
+    before, token, started = set(os.listdir(system_tmp)), f"{os.getpid()}-{time.time()}", time.time()
     session_tmp = tempfile.mkdtemp(prefix="oneforce-tests-")
     saved = os.environ.get("TMPDIR"), tempfile.tempdir
-    os.environ.update({_SESSION_TOKEN: token, "TMPDIR": session_tmp})
+    os.environ.update({_SESSION_TOKEN: token, "TMPDIR": session_tmp, **SECRETS})
     tempfile.tempdir = session_tmp
     try:
         yield
@@ -83,9 +120,11 @@ def leaves_nothing_behind(tmp_path_factory):
     deadline = time.time() + 60  # processes of a stopped Ray exit within seconds of their head
     while (servers := _our_servers(token)) and time.time() < deadline:
         time.sleep(1)
+    leaks = _files_holding_secrets([basetemp, Path(session_tmp), log_dir()], started)
     shutil.rmtree(session_tmp, ignore_errors=True)
     new = sorted(name for name in set(os.listdir(system_tmp)) - before if _OURS_IN_TMP.fullmatch(name))
     problems = [f"server still running: {s}" for s in servers] + [f"left in {system_tmp}: {name}" for name in new]
+    problems += [f"a credential written into {path}" for path in leaks[:20]]
     if problems:
         pytest.fail("the tests left things behind:\n" + "\n".join(problems), pytrace=False)
 
@@ -108,7 +147,7 @@ def s3_server(tmp_path_factory):
     )
     endpoint = f"http://127.0.0.1:{port}"
     env = {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ACCESS_KEY_ID": SECRETS["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": SECRETS["AWS_SECRET_ACCESS_KEY"],
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint,
         "ONEFORCE_CACHE": str(tmp_path_factory.mktemp("node_cache")),
     }

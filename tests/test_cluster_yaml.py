@@ -61,3 +61,31 @@ def test_every_custom_resource_a_config_asks_for_is_offered_by_a_node_type_that_
             assert per_node * node["max_workers"] >= units, f"{config}: {units} units of {setting} do not fit {key}"
             labelled += 1
     assert labelled >= 3  # student, teacher and critic each pinned to their own node type
+
+
+def start_commands() -> list[str]:
+    return [*CLUSTER["head_start_ray_commands"], *CLUSTER["worker_start_ray_commands"]]
+
+
+def test_nothing_listens_for_the_outside_but_ssh():
+    """The job server (code execution by design) and the tracking server are not on a public interface,
+    Ray's token authentication is on, and the security group Ray makes opens only SSH to the outside."""
+    from ray.autoscaler._private.aws.config import _create_default_inbound_rules
+
+    commands = start_commands()
+    assert not any("0.0.0.0" in command for command in commands)
+    ray_starts = [c for c in commands if "ray start" in c]
+    assert len(ray_starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in ray_starts)
+    assert not any("RAY_AUTH_MODE=disabled" in c for c in commands)
+    head = next(c for c in ray_starts if "--head" in c)
+    assert "--dashboard-host=127.0.0.1" in head  # reached through `ray dashboard cluster.yaml`
+    mlflow = next(c for c in commands if "mlflow server" in c and "nohup" in c)
+    assert "--app-name basic-auth" in mlflow and "--host $(hostname -I" in mlflow  # the private address
+    # Secrets come from mounted files, never from the config's text (which `ray up` prints).
+    assert "/home/ubuntu/.ray/auth_token" in CLUSTER["file_mounts"] and "/home/ubuntu/.oneforce/mlflow.env" in CLUSTER["file_mounts"]
+    assert not any(f"{name}=" in c for c in commands for name in ("MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN"))
+    # No node type brings its own security groups, so Ray's default applies: SSH from anywhere, all
+    # traffic only from the cluster's own group.
+    assert not any("SecurityGroupIds" in t["node_config"] for t in CLUSTER["available_node_types"].values())
+    outside = [rule for rule in _create_default_inbound_rules(["sg-cluster"]) if "IpRanges" in rule]
+    assert [(r["FromPort"], r["ToPort"], r["IpProtocol"]) for r in outside] == [(22, 22, "tcp")]

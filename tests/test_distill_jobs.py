@@ -5,6 +5,7 @@ jobs/generate.py on the export, with decoded clips, runs in tests/test_quickstar
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -72,17 +73,31 @@ def run_job(script: str, *args: str) -> str:
     return log
 
 
+def cluster_tracking_server_command(port: int, home: Path, credentials: Path, artifacts: str) -> str:
+    """The head's `mlflow server` command from cluster.yaml, moved to loopback, a free port and `home`."""
+    command = next(c for c in yaml.safe_load((REPO / "cluster.yaml").read_text())["head_start_ray_commands"] if "mlflow server --" in c)
+    moved = (command.replace("$(hostname -I | awk '{print $1}')", "127.0.0.1").replace("--port 5000", f"--port {port}")
+             .replace("~/.oneforce/mlflow.env", str(credentials)).replace("$HOME/mlflow", str(home)).replace("~/mlflow", str(home))
+             .replace("s3://YOUR-BUCKET/oneforce/mlflow-artifacts", artifacts))
+    assert "0.0.0.0" not in moved and "YOUR-BUCKET" not in moved and "~" not in moved, moved
+    return moved
+
+
 @pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on loopback, as cluster.yaml runs one on the head: runs in SQLite, artifacts
-    proxied (served over HTTP into a folder). Yields its URI; stopped with its workers at the end."""
-    port = _free_port()
-    log = open(tmp_path / "mlflow-server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+def mlflow_server(s3_server, tmp_path):
+    """The tracking server exactly as cluster.yaml starts it on the head (basic authentication, the user
+    and password read from a credentials file, artifacts proxied to S3), on loopback: the session's
+    MLFLOW_TRACKING_USERNAME / PASSWORD are in this process's environment and the Ray cluster's, as on a
+    cluster's nodes. Yields its URI; stopped with its workers at the end."""
+    from tests.conftest import SECRETS
+
+    port, home = _free_port(), tmp_path / "mlflow-home"
+    credentials = tmp_path / "mlflow.env"
+    credentials.write_text("".join(f"{k}={SECRETS[k]}\n" for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")))
+    credentials.chmod(0o600)
+    command = cluster_tracking_server_command(port, home, credentials, f"s3://oneforce-test/mlflow-artifacts-{tmp_path.name}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}  # only the file gives them
+    server = subprocess.Popen(["bash", "-c", command], env=env, start_new_session=True)  # bash exits; its group lives on
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -91,19 +106,36 @@ def mlflow_server(tmp_path):
                 check_reachable(uri, timeout=2)
                 break
             except ConnectionError:
-                assert server.poll() is None and time.time() < deadline, (tmp_path / "mlflow-server.log").read_text()[-2000:]
+                log = home / "server.log"
+                assert time.time() < deadline, log.read_text()[-2000:] if log.exists() else command
                 time.sleep(0.5)
         yield uri
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-        log.close()
+        credentials.unlink()  # the one file meant to hold them (the session looks for them everywhere else)
+
+
+def assert_answers_only_with_its_credentials(uri: str) -> None:
+    import requests
+
+    from tests.conftest import SECRETS
+
+    search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert requests.get(search, timeout=10).status_code == 401
+    user = SECRETS["MLFLOW_TRACKING_USERNAME"]
+    assert requests.get(search, auth=(user, "a-wrong-password"), timeout=10).status_code == 401
+    assert requests.get(search, auth=(user, SECRETS["MLFLOW_TRACKING_PASSWORD"]), timeout=10).status_code == 200
 
 
 def test_distill_by_ray_job_submit_then_resumed_in_the_same_mlflow_run(ray_cluster, mlflow_server, tmp_path):
-    """Logged to a real tracking server over HTTP, as on a cluster; the sample videos through its
-    artifact proxy."""
+    """Logged to a real tracking server over HTTP, started as on a cluster's head (it answers only with
+    its credentials, which the job finds in its node's environment); the sample videos through its
+    artifact proxy, into S3."""
     import mlflow
+
+    assert_answers_only_with_its_credentials(mlflow_server)
 
     write_toy_debug_dataset(tmp_path / "data")
     address = f"ray.address={ray_cluster[0]}"

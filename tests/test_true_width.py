@@ -8,9 +8,10 @@ the Diffusers repository layout, beside a umT5 of Wan's text width (4096) and a 
 width (16 channels), both tiny otherwise. The chain is what a user runs: preprocess -> ODE init ->
 distillation (teacher and critic on actors) -> generation -> an mp4 that decodes. The chunkwise config
 then distils on the same dataset (its clip has the same length) from the same ODE-init export, which
-is all it changes on this path (blocks of 3 latent frames, its GAN tap and R1/R2), with its run
-directory on local disk: its checkpoints (~2 GB of DeepSpeed and critic states) would only repeat the
-framewise run's trip through the S3 server, the slowest part of this test. ODE init and generation with
+is all it changes on this path (blocks of 3 latent frames, its GAN tap and R1/R2), with the teacher and
+the critic inside the Train worker and its run directory on local disk: the actors and the checkpoints
+(~2 GB of DeepSpeed and critic states) through the S3 server, the slowest part of this test, would
+only repeat the framewise run's. ODE init and generation with
 blocks of 3 run at toy size in tests/test_quickstart.py and tests/test_generation.py. About 9 jobs'
 worth of Ray start-up and ~4 GB through the S3 server make this the suite's longest test."""
 
@@ -120,7 +121,8 @@ def test_the_shipped_configs_at_true_width_in_bf16_on_s3(ray_local, ray_cluster,
 
     # The chunkwise config: blocks of 3 latent frames, on the same dataset and from the same ODE init.
     chunk = shipped("wan_1_3b_chunkwise", releases, ray_cluster[0], tmp_path, f"data.output={framewise.data.output}",
-                    f"model.student_path={export}/transformer", f"train.storage_path={tmp_path / 'runs'}")
+                    f"model.student_path={export}/transformer", f"train.storage_path={tmp_path / 'runs'}",
+                    "ray.teacher_actors=0", "ray.critic_placement=trainer")
     assert chunk.model.frames_per_block == 3 and chunk.method.r1_weight > 0
     distill.main(chunk, argparse.Namespace(export=False))
     from pipeline.generation import ClipGenerator

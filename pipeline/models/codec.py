@@ -23,7 +23,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from torch import nn
 
-from pipeline.storage import node_cache
+from pipeline.storage import load_pickled_tensors, node_cache
 
 
 class Codec(Protocol):
@@ -197,7 +197,7 @@ def load_original_vae(file: str | Path, dtype: torch.dtype = torch.float32) -> A
     from accelerate import init_empty_weights
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    raw = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    raw = load_pickled_tensors(file)
     state = convert_wan_vae_to_diffusers({k: v for k, v in raw.items() if isinstance(v, torch.Tensor)})
     if "encoder.conv_in.weight" not in state or "post_quant_conv.weight" not in state:
         raise ValueError(f"{file}: not a Wan VAE checkpoint (no encoder.conv1 / conv2 weights)")

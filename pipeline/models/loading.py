@@ -17,7 +17,7 @@ from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.discriminator import Critic, build_gan_heads
 from pipeline.models.text import TextEncoder
 from pipeline.models.wan_weights import WAN_CONFIGS, cast_like_from_pretrained, load_wan, locate_dit, to_diffusers_keys
-from pipeline.storage import check_exists, is_local, naming
+from pipeline.storage import check_exists, is_local, load_pickled_tensors, naming
 
 RANDOM_INIT_SEED = 0
 
@@ -283,7 +283,9 @@ def _source_shapes(fs, source, setting: str) -> dict[str, tuple[int, ...]] | Non
         if not is_local(fs):
             return None
         try:
-            loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            loaded = load_pickled_tensors(path, name=file)
+        except ValueError as err:  # code in the pickle: refused here, before anything starts
+            raise ValueError(f"{setting}={err}") from None
         except Exception:  # noqa: BLE001 - an old-format or odd file: the full load reports it
             return None
         if not isinstance(loaded, dict):

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from pipeline import toyworld
-from pipeline.storage import node_cache
+from pipeline.storage import load_pickled_tensors, node_cache
 
 # T5's special-token ids: padding 0, end of sequence 1, unknown 2.
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -152,7 +152,7 @@ def wan_t5_to_umt5(state: dict[str, torch.Tensor], source: str = "") -> tuple[UM
 def load_wan_t5(file: Path, dtype: torch.dtype) -> UMT5EncoderModel:
     from accelerate import init_empty_weights
 
-    raw = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    raw = load_pickled_tensors(file)
     config, state = wan_t5_to_umt5({k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}, str(file))
     with init_empty_weights(include_buffers=False):
         encoder = UMT5EncoderModel(config)

@@ -28,7 +28,7 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from safetensors.torch import load_file
 
 from pipeline.models.causal_wan import CausalWanModel
-from pipeline.storage import node_cache
+from pipeline.storage import load_pickled_tensors, node_cache
 
 # diffusers WanTransformer3DModel configs of the released T2V models, and the tiny ones used in tests.
 WAN_CONFIGS: dict[str, dict[str, Any]] = {
@@ -183,7 +183,7 @@ def _load_file(url: str) -> dict[str, Any]:
     local = node_cache(url)
     if local.endswith(".safetensors"):
         return load_file(local)
-    return torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+    return load_pickled_tensors(local, name=url)
 
 
 def read_state_dict(url: str, entry: str | None = None) -> dict[str, torch.Tensor]:
