@@ -84,8 +84,21 @@ def test_nothing_listens_for_the_outside_but_ssh():
     # Secrets come from mounted files, never from the config's text (which `ray up` prints).
     assert "/home/ubuntu/.ray/auth_token" in CLUSTER["file_mounts"] and "/home/ubuntu/.oneforce/mlflow.env" in CLUSTER["file_mounts"]
     assert not any(f"{name}=" in c for c in commands for name in ("MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN"))
+
     # No node type brings its own security groups, so Ray's default applies: SSH from anywhere, all
     # traffic only from the cluster's own group.
     assert not any("SecurityGroupIds" in t["node_config"] for t in CLUSTER["available_node_types"].values())
     outside = [rule for rule in _create_default_inbound_rules(["sg-cluster"]) if "IpRanges" in rule]
     assert [(r["FromPort"], r["ToPort"], r["IpProtocol"]) for r in outside] == [(22, 22, "tcp")]
+
+
+def test_a_pkill_pattern_does_not_match_its_own_command_line():
+    """`ray up` runs each start command as `bash -c '<command>'`: a `pkill -f PATTERN` whose pattern
+    matches its own text kills that shell, and the head's setup fails ("SSH command failed")."""
+    import re
+    import shlex
+
+    for command in start_commands():
+        for match in re.finditer(r"pkill -f (\"[^\"]+\"|\S+)", command):
+            pattern = shlex.split(match.group(1))[0]
+            assert not re.search(pattern, f"bash --login -c -i '{command}'"), command
