@@ -191,10 +191,7 @@ class CriticActor:
         return (await state.result)[sender]
 
     def _feedback(self, pieces: list[Wire]) -> dict[int, Wire]:
-        feedback: Feedback = self.critic.feedback(from_wire(FeedbackRequest, pieces, self.device))
-        # The gradient is of the mean over this actor's rows; each sample's weight must be its own
-        # worker batch's 1 / B, as when the worker computes it itself.
-        gradient = feedback.gan_gradient * (feedback.gan_gradient.shape[0] / self.worker_batch)
+        feedback, gradient = self.feedback_on_device(pieces)
         results, row = {}, 0
         for sender, piece in zip(self.senders, pieces):
             rows = slice(row, row + piece["x0"].shape[0])
@@ -205,6 +202,13 @@ class CriticActor:
                 "gan_losses": feedback.gan_losses[rows].float().cpu().numpy(),
             }
         return results
+
+    def feedback_on_device(self, pieces: list[Wire]) -> tuple[Feedback, torch.Tensor]:
+        """The critic's feedback and the GAN gradient on this actor's device (before the wire)."""
+        feedback: Feedback = self.critic.feedback(from_wire(FeedbackRequest, pieces, self.device))
+        # The gradient is of the mean over this actor's rows; each sample's weight must be its own
+        # worker batch's 1 / B, as when the worker computes it itself.
+        return feedback, feedback.gan_gradient * (feedback.gan_gradient.shape[0] / self.worker_batch)
 
     def _update(self, pieces: list[Wire]) -> dict[int, dict[str, float]]:
 

@@ -84,9 +84,12 @@ class TeacherScoreActor:
     def real_x0(self, x_t: np.ndarray, t: np.ndarray, text: np.ndarray) -> np.ndarray:
         """Arrays in and out: Ray hands large numpy arguments and results through its object store,
         read without a copy, where torch tensors would be pickled."""
-        inputs = (torch.from_numpy(np.array(v)).to(self.device) for v in (x_t, t, text))  # np.array: writable
         self.calls += 1
-        return teacher_real_x0(self.teacher, self.negative, self.guidance, *inputs).cpu().numpy()
+        return self.real_x0_on_device(*(torch.from_numpy(np.array(v)) for v in (x_t, t, text))).cpu().numpy()  # np.array: writable
+
+    def real_x0_on_device(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The score on this actor's device, the inputs moved there (before the wire)."""
+        return teacher_real_x0(self.teacher, self.negative, self.guidance, *(v.to(self.device) for v in (x_t, t, text)))
 
     def served(self) -> int:
         """Calls served since this actor (re)started."""

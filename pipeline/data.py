@@ -112,8 +112,7 @@ def read_prompt_file(path: str, max_chars: int, max_chars_key: str = "data.max_p
 
     Raises ValueError (naming the file) only when the whole file is unusable: an unknown suffix, a CSV or
     Parquet file without a `prompt` column, or a Parquet file that does not parse."""
-    with fsspec.open(path, "rb") as f:
-        data = f.read()
+    data = _read_bounded(path)
     if path.endswith(".parquet"):
         rows = _parquet_rows(path, data)
     elif path.endswith(".csv"):
@@ -130,6 +129,27 @@ def read_prompt_file(path: str, max_chars: int, max_chars_key: str = "data.max_p
         if isinstance(item, PromptLine) and item.video and "://" not in item.video and not item.video.startswith("/"):
             item = dataclasses.replace(item, video=f"{folder}/{item.video}")
         yield item
+
+
+MAX_PROMPT_FILE_BYTES = 256 << 20  # a million prompts of 256 characters; a folder of files is read as one set
+
+
+def _read_bounded(path: str) -> bytes:
+    """A prompt file's bytes, refused in one line (naming the file) when it is larger than
+    MAX_PROMPT_FILE_BYTES or, for the text formats, binary: memory stays bounded whatever a prompts
+    folder holds. Lines longer than max_prompt_chars are then skipped one by one as bad lines."""
+    fs, local = fsspec.core.url_to_fs(path)
+    size = fs.size(local)
+    if size is not None and size > MAX_PROMPT_FILE_BYTES:
+        raise ValueError(f"{path}: {size / 2**20:.0f} MiB, more than the {MAX_PROMPT_FILE_BYTES >> 20} MiB a prompt file may "
+                         "hold; split it into several files (a folder of prompt files is read as one set)")
+    with fs.open(local, "rb") as f:
+        data = f.read(MAX_PROMPT_FILE_BYTES + 1)  # a file that grew since: still bounded
+    if len(data) > MAX_PROMPT_FILE_BYTES:
+        raise ValueError(f"{path}: more than the {MAX_PROMPT_FILE_BYTES >> 20} MiB a prompt file may hold")
+    if not path.endswith(".parquet") and (nul := data.find(b"\0", 0, 1 << 16)) >= 0:
+        raise ValueError(f"{path}: binary, not a text prompt file (a NUL byte at offset {nul})")
+    return data
 
 
 def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:

@@ -134,3 +134,22 @@ def test_a_resumed_run_with_another_config_is_refused_once_it_has_shards(tmp_pat
     with pytest.raises(ValueError, match="written with another config.*rm -r"):
         data.write_info(out, other)
     assert json.loads((tmp_path / "ds" / "_dataset.json").read_text())["config_hash"] == "c0ffee"
+
+
+def test_huge_binary_and_megabyte_line_prompt_files(tmp_path, monkeypatch):
+    """Memory stays bounded whatever a prompts folder holds: a file over the cap or a binary one is
+    refused in one line naming it; a megabyte line is one bad line among good ones."""
+    long = tmp_path / "long.txt"
+    long.write_bytes(b"a red square moving left, fast\n" + b"x" * (1 << 20) + b"\na blue circle moving up, slow\n")
+    items = list(data.read_prompt_file(str(long), max_chars=100))
+    assert [i.prompt for i in items if isinstance(i, data.PromptLine)] == ["a red square moving left, fast", "a blue circle moving up, slow"]
+    assert [(b.line, "1048576 characters" in b.reason) for b in items if isinstance(b, data.BadLine)] == [(2, True)]
+
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(torch.randn(1000).numpy().tobytes() + b"\0")
+    with pytest.raises(ValueError, match=r"^.*weights\.txt: binary, not a text prompt file \(a NUL byte at offset \d+\)$"):
+        list(data.read_prompt_file(str(binary), 100))
+
+    monkeypatch.setattr(data, "MAX_PROMPT_FILE_BYTES", 1 << 20)  # the cap, made small enough to test
+    with pytest.raises(ValueError, match=r"long\.txt: 1 MiB, more than the 1 MiB a prompt file may hold; split it"):
+        list(data.read_prompt_file(str(long), 100))

@@ -168,6 +168,59 @@ def test_an_ode_init_step_with_the_student_on_another_device(tiny_data):
     assert metrics["ode_skipped"] == 0.0 and updated_on_meta(student)
 
 
+class RecordingCritic:
+    """The plain loop's critic, keeping what the steps asked of it (what a Train worker sends an actor)."""
+
+    def __init__(self, critic: distill.LocalCritic) -> None:
+        self.critic, self.asked = critic, []
+
+    def feedback(self, request):
+        self.asked.append(request)
+        return self.critic.feedback(request)
+
+    def update(self, batch):
+        self.asked.append(batch)
+        return self.critic.update(batch)
+
+
+def test_the_critic_and_teacher_actors_compute_on_their_own_device(tiny_data):
+    """The actor placement: what a Train worker sends over the wire (numpy, from a step on the CPU)
+    lands on the actor's device, and the actor's feedback, update and real score run there with every
+    model on the meta device (a tensor created on the CPU inside would fail, as above)."""
+    from actors.critic import CriticActor, to_wire
+    from actors.teacher import TeacherScoreActor
+    from pipeline import data
+
+    cfg = tiny_config(tiny_data, tiny_data, "meta-actors")
+    negative = data.read_negative_prompt(tiny_data)
+    teacher = load_teacher(cfg.model)
+    recorder = RecordingCritic(distill.LocalCritic(distill.TorchOptimised(load_critic(cfg), cfg.train.critic_lr, cfg.train), cfg.method))
+    student = load_student(cfg.model)
+    ctx = distill.StepContext(cfg, distill.TorchOptimised(student, cfg.train.lr, cfg.train),
+                              distill.LocalTeacher(teacher, negative, cfg.method.real_guidance), recorder,
+                              lambda: distill.module_state(student))
+    batch = next(distill.epoch_batches(data.read_dataset(tiny_data), 2))
+    batch = distill.rows_to_batch(batch, [0, 1])
+    distill.generator_step(ctx, batch, 0)
+    distill.critic_step(ctx, batch, 1)
+    request, update = recorder.asked
+
+    actor = object.__new__(CriticActor)  # its state once formed, without Ray, a group or DeepSpeed
+    actor.device, actor.worker_batch, actor.senders = META, 2, [0]
+    actor.critic = distill.LocalCritic(distill.TorchOptimised(load_critic(cfg).to(META), cfg.train.critic_lr, cfg.train), cfg.method)
+    feedback, gradient = actor.feedback_on_device([to_wire(request, 0, 2)])
+    assert {feedback.x0_fake.device, feedback.gan_gradient.device, gradient.device} == {META}
+    assert feedback.x0_fake.shape == request.x0.shape
+    metrics = actor._update([to_wire(update, 0, 2)])[0]
+    assert metrics["critic_skipped"] == 0.0 and updated_on_meta(actor.critic.critic)
+
+    scorer = object.__new__(TeacherScoreActor)
+    scorer.device, scorer.guidance = META, cfg.method.real_guidance
+    scorer.teacher, scorer.negative = load_teacher(cfg.model).to(META), negative.to(META)
+    score = scorer.real_x0_on_device(request.x_t, request.t, request.text)  # CPU tensors, as from the wire
+    assert score.device == META and score.shape == request.x_t.shape
+
+
 class CollectiveSeen(Exception):
     pass
 
