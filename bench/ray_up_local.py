@@ -35,6 +35,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from tests.toy_datasets import write_toy_debug_dataset  # noqa: E402 - after the path
 CLOUD_REPO = "/home/ubuntu/oneforce"
 CLOUD_ARTIFACTS = "s3://YOUR-BUCKET/oneforce/mlflow-artifacts"
 DASHBOARD = "http://127.0.0.1:8265"
@@ -62,27 +63,6 @@ def local_config(work: Path, key: Path) -> dict:
                     "worker_start_ray_commands"):
         config[section] = [moved(c) for c in config.get(section, [])]
     return config
-
-
-def write_dataset(out: Path) -> None:
-    """A toy-geometry dataset (random tensors: the cluster's plumbing is what this measures)."""
-    import torch
-
-    from pipeline import data
-
-    g = torch.Generator().manual_seed(0)
-    rows, frames = 4, 3
-    info = data.DatasetInfo(
-        config_hash="ray-up-local", teacher_id="random:toy-debug:0", text_embedding=data.TensorSpec((16, 32), "float32"),
-        latent=data.TensorSpec((48, frames, 8, 8), "float32"), trajectory_timesteps=(1000.0, 750.0), negative_prompt="",
-    )
-    data.write_info(str(out), info)
-    data.write_negative_prompt(str(out), "", torch.zeros(16, 32))
-    data.write_shard(str(out), info, {
-        "id": [f"{i:016x}" for i in range(rows)], "prompt": [f"a red square moving left {i}" for i in range(rows)],
-        "seed": list(range(rows)), "kind": ["teacher"] * rows, "text_embedding": torch.randn(rows, 16, 32, generator=g),
-        "latent": torch.randn(rows, 48, frames, 8, 8, generator=g) * 0.5, "trajectory": torch.randn(rows, 2, 48, frames, 8, 8, generator=g),
-    })
 
 
 def job_config(work: Path) -> Path:
@@ -153,7 +133,7 @@ def main() -> None:
     log = work / "ray_up_local.log"
     cluster = work / "cluster-local.yaml"
     cluster.write_text(yaml.safe_dump(local_config(work, Path(args.key)), sort_keys=False))
-    write_dataset(work / "data")
+    write_toy_debug_dataset(work / "data")  # random values: the cluster's plumbing is what this measures
     credentials = write_secrets(work)
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}  # as the README submits
     times: dict[str, float] = {}

@@ -217,6 +217,6 @@ def load_pickled_tensors(path: str | Path, name: str = "", mmap: bool = True):
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         # torch's message opens with advice to retry with weights_only=False (exactly what not to do
         # with such a file); the line that names what the pickle asked for is the one worth showing.
-        reason = next((line for line in lines if "GLOBAL" in line or "global" in line.split(" ", 3)[:3]), "")
+        reason = next((line for line in lines if "global" in line.lower()), "")
         what = f" ({reason[:200]})" if reason else ""
         raise ValueError(f"{name or path}: refused to load: its pickle asks for more than tensors{what}") from None

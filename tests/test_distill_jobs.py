@@ -14,36 +14,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from pipeline import data
 from pipeline.tracking import check_reachable
 from pipeline.video import read_video
 from tests.conftest import _free_port
 from tests.test_ray_jobs import REPO, submit
+from tests.toy_datasets import FRAMES, write_toy_debug_dataset
 
-FRAMES = 3
 LOGGED = ("dmd", "gan_g", "gan_d", "critic_flow", "r1", "r2", "generator_grad_norm", "critic_grad_norm",
           "logits_real", "logits_fake", "dmd_normaliser", "samples_per_s", "s_per_step")
-
-
-def write_toy_debug_dataset(out: Path, rows: int = 4) -> None:
-    """The toy world's geometry at test size: 48-channel patch-codec latents, the toy text encoder's
-    (16, 32) embeddings (random values: the jobs' plumbing is under test)."""
-    g = torch.Generator().manual_seed(0)
-    info = data.DatasetInfo(
-        config_hash="toy-debug", teacher_id="random:toy-debug:0", text_embedding=data.TensorSpec((16, 32), "float32"),
-        latent=data.TensorSpec((48, FRAMES, 8, 8), "float32"), trajectory_timesteps=(1000.0, 750.0), negative_prompt="",
-    )
-    data.write_info(str(out), info)
-    data.write_negative_prompt(str(out), "", torch.zeros(16, 32))
-    data.write_shard(str(out), info, {
-        "id": [f"{i:016x}" for i in range(rows)], "prompt": [f"a red square moving left {i}" for i in range(rows)],
-        "seed": list(range(rows)), "kind": ["teacher"] * rows,
-        "text_embedding": torch.randn(rows, 16, 32, generator=g), "latent": torch.randn(rows, 48, FRAMES, 8, 8, generator=g) * 0.5,
-        "trajectory": torch.randn(rows, 2, 48, FRAMES, 8, 8, generator=g),
-    })
 
 
 def job_config(tmp: Path, name: str, **sections) -> Path:
