@@ -156,7 +156,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     log_every: int = 10
     storage_path: str = "~/oneforce_runs"  # local or s3://; a run lives in <storage_path>/<name>
-    gradient_checkpointing: bool = False  # recompute the student's blocks in backward: less memory, more time
+    gradient_checkpointing: bool = False  # student (and ODE init) and critic recompute in backward: less memory, ~1/3 more time
     export_path: str = ""  # where the generation checkpoint goes; empty = <storage_path>/<name>/export
     max_failures: int = 0  # Ray Train restarts of the workers, each resuming from the last checkpoint
     checkpoints_to_keep: int = 2

@@ -17,7 +17,7 @@ their random inputs from here and draw nothing themselves.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,6 +27,7 @@ from torch import nn
 from pipeline import losses
 from pipeline.config import Config, MethodConfig, TrainConfig
 from pipeline.distributed import all_finite, scalar
+from pipeline.engines import adamw
 from pipeline.flow import add_noise, sample_timesteps, x0_from_velocity
 from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.discriminator import Critic
@@ -132,7 +133,10 @@ class CriticRole(Protocol):
 
 class Optimised(Protocol):
     """A trainable module with its optimiser. `step` clips, steps, zeroes the grads and returns the grad
-    norm before clipping."""
+    norm before clipping. The master weights are the fp32 weights the optimiser updates, as this rank
+    holds them (its ZeRO partitions, or the parameters themselves); `full_state` gathers them, or
+    tensors laid out like them (an EMA), into the full fp32 weights by name; `shares_of` is its inverse.
+    Both are collectives when the weights are partitioned."""
 
     module: nn.Module
 
@@ -140,14 +144,20 @@ class Optimised(Protocol):
 
     def step(self) -> float: ...
 
+    def master_weights(self) -> list[torch.Tensor]: ...
+
+    def full_state(self, masters: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]: ...
+
+    def shares_of(self, state: dict[str, torch.Tensor]) -> list[torch.Tensor]: ...
+
 
 class TorchOptimised:
-    """The plain loop's `Optimised`: torch AdamW and global-norm clipping, as DeepSpeed does them."""
+    """The plain loop's `Optimised`: the engines' fused AdamW and global-norm clipping, as DeepSpeed does them."""
 
     def __init__(self, module: nn.Module, lr: float, train: TrainConfig) -> None:
         self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
+        self.optimizer = adamw(self.params, lr, train)
         self.clip = train.grad_clip
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -158,6 +168,20 @@ class TorchOptimised:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return scalar(norm)
+
+    def master_weights(self) -> list[torch.Tensor]:
+        return self.params
+
+    def full_state(self, masters: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        values = dict(zip(self._names, masters if masters is not None else self.params))
+        return {k: values.get(k, v).detach().float() for k, v in self.module.state_dict(keep_vars=True).items()}
+
+    def shares_of(self, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [state[name].to(p.device, torch.float32) for name, p in zip(self._names, self.params)]
+
+    @property
+    def _names(self) -> list[str]:
+        return [name for name, p in self.module.named_parameters() if p.requires_grad]
 
 
 def teacher_real_x0(
@@ -275,20 +299,25 @@ class Batch:
 
 
 class EMA:
-    """An fp32 exponential moving average of a module's full weights (gathered by `full_state`, which
-    under ZeRO-3 collects the partitions); never updated in place on partitioned or bf16 parameters."""
+    """An fp32 exponential moving average of the student's master weights, kept as this rank's share of
+    them (laid out as `Optimised.master_weights()`, on their device): a step's update touches only that
+    share, with no gather and no copy of the model; `full_state` gathers it (a collective) for
+    checkpoints, samples and exports. Never the bf16 parameters: their rounding would enter the average."""
 
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        self.state = {k: v.detach().float().clone() for k, v in state.items()}
+    def __init__(self, shares: list[torch.Tensor]) -> None:
+        self.shares = [s.detach().float().clone() for s in shares]
 
-    def update(self, state: dict[str, torch.Tensor], decay: float) -> None:
-        for name, value in state.items():
-            self.state[name].mul_(decay).add_(value.detach().float(), alpha=1 - decay)
+    @classmethod
+    def restore(cls, student: Optimised, state: dict[str, torch.Tensor]) -> EMA:
+        """From a full state on disk (any world size wrote it), this rank's share."""
+        return cls(student.shares_of(state))
 
+    def update(self, masters: list[torch.Tensor], decay: float) -> None:
+        for share, master in zip(self.shares, masters):
+            share.mul_(decay).add_(master.detach().float(), alpha=1 - decay)
 
-def module_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The full weights of a plain (unpartitioned) module."""
-    return {k: v for k, v in module.state_dict().items()}
+    def full_state(self, student: Optimised) -> dict[str, torch.Tensor]:
+        return student.full_state(self.shares)
 
 
 @dataclass
@@ -299,7 +328,6 @@ class StepContext:
     student: Optimised
     teacher: RealScore
     critic: CriticRole
-    full_state: Callable[[], dict[str, torch.Tensor]]  # the student's full weights (gathered if partitioned)
     ema: EMA | None = None
 
     @property
@@ -357,9 +385,9 @@ def generator_step(ctx: StepContext, batch: Batch, step: int) -> dict[str, float
     metrics["generator_grad_norm"] = ctx.student.step()
     if step >= cfg.train.ema_start_step:
         if ctx.ema is None:
-            ctx.ema = EMA(ctx.full_state())
+            ctx.ema = EMA(ctx.student.master_weights())
         else:
-            ctx.ema.update(ctx.full_state(), cfg.train.ema_decay)
+            ctx.ema.update(ctx.student.master_weights(), cfg.train.ema_decay)
     return {**metrics, "generator_skipped": 0.0}
 
 
@@ -455,12 +483,11 @@ def plain_context(cfg: Config, negative: torch.Tensor) -> StepContext:
     """Every role in this process: the student and critic with torch AdamW, the teacher in-process."""
     from pipeline.models.loading import load_critic, load_student, load_teacher
 
-    student = load_student(cfg.model)
+    student = load_student(cfg.model, checkpointing=cfg.train.gradient_checkpointing)
     return StepContext(
         cfg, TorchOptimised(student, cfg.train.lr, cfg.train),
         LocalTeacher(load_teacher(cfg.model), negative, cfg.method.real_guidance),
         LocalCritic(TorchOptimised(load_critic(cfg), cfg.train.critic_lr, cfg.train), cfg.method),
-        lambda: module_state(student),
     )
 
 

@@ -76,3 +76,18 @@ def gather_ids(ids: list[str]) -> list[list[str]]:
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def heap_bytes() -> int:
+    """Bytes this process holds from malloc right now, every arena and mmapped chunk included (glibc's
+    mallinfo2): what torch's CPU tensors occupy, unlike RSS, which keeps pages malloc has freed."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd

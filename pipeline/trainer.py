@@ -127,14 +127,12 @@ def save_checkpoint(
     full weights: one of the two, never the same tensors twice), the architecture and the state."""
     for name, engine in engines.items():
         engine.engine.save_checkpoint(directory, tag=name)
-    weights = engines["student"].full_state() if ema is None else None  # a collective under ZeRO-3
+    student = engines["student"]
+    weights = student.full_state() if ema is None else ema.full_state(student)  # a collective under ZeRO
     os.makedirs(f"{directory}/rng", exist_ok=True)
     Path(f"{directory}/rng/rank{rank}.json").write_text(json.dumps(_rng_state()))
     if rank == 0:
-        if ema is not None:
-            save_file(ema.state, f"{directory}/{EMA_FILE}")
-        else:
-            save_file(weights, f"{directory}/{WEIGHTS_FILE}")
+        save_file(weights, f"{directory}/{WEIGHTS_FILE if ema is None else EMA_FILE}")
         Path(f"{directory}/{ARCHITECTURE_FILE}").write_text(json.dumps(dict(engines["student"].module.config)))
         Path(f"{directory}/{STATE_FILE}").write_text(json.dumps({"step": state.step, "history": state.history}))
 
@@ -148,7 +146,8 @@ def restore_checkpoint(directory: str, engines: dict[str, DeepSpeedOptimised], r
     rng = Path(f"{directory}/rng/rank{rank}.json")
     if rng.exists():  # a relaunch on more ranks than before starts their RNG fresh
         _restore_rng(json.loads(rng.read_text()))
-    ema = EMA(load_file(f"{directory}/{EMA_FILE}")) if os.path.exists(f"{directory}/{EMA_FILE}") else None
+    ema_file = f"{directory}/{EMA_FILE}"
+    ema = EMA.restore(engines["student"], load_file(ema_file)) if os.path.exists(ema_file) else None
     return WorkerState(step=raw["step"], history=raw["history"]), ema
 
 
@@ -175,9 +174,7 @@ def train_worker(spec: RunSpec) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
 
-    student = load_student(cfg.model, device, for_ode_init=spec.mode == "ode_init")
-    if cfg.train.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
+    student = load_student(cfg.model, device, for_ode_init=spec.mode == "ode_init", checkpointing=cfg.train.gradient_checkpointing)
     engines = {"student": DeepSpeedOptimised(student, cfg.train.lr, cfg, world)}
     checkpoint = ray.train.get_checkpoint()
     step_ctx = None
@@ -191,7 +188,7 @@ def train_worker(spec: RunSpec) -> None:
             engines["critic"] = DeepSpeedOptimised(load_critic(cfg, device), cfg.train.critic_lr, cfg, world)
             critic = LocalCritic(engines["critic"], cfg.method)
         teacher = spec.teacher or LocalTeacher(load_teacher(cfg.model, device), spec.negative.to(device), cfg.method.real_guidance)
-        step_ctx = StepContext(cfg, engines["student"], teacher, critic, engines["student"].full_state)
+        step_ctx = StepContext(cfg, engines["student"], teacher, critic)
 
     state, ema = WorkerState(), None
     if checkpoint is not None:
@@ -260,7 +257,7 @@ def _log_samples(
     rank takes part in gathering the weights (ZeRO-3); rank 0 renders on its own device."""
     from pipeline.samples import render, write_samples
 
-    weights = ema.state if ema is not None else student.full_state()
+    weights = ema.full_state(student) if ema is not None else student.full_state()  # a collective under ZeRO
     if tracker is None:
         return
     clips = render(dict(student.module.config), weights, spec.samples, cfg, device)

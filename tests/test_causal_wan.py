@@ -68,7 +68,7 @@ def test_sliding_window_cache_equals_the_windowed_block_causal_forward(frames_pe
         outs.append(model(x[:, :, block], t, text, kv_cache=cache).sample)
         model(x[:, :, block], t, text, kv_cache=cache, update_cache=True)
         assert cache.cached_frames == min(start + frames_per_block, window)
-        assert cache.self_kv[0][0].shape[1] == cache.cached_frames * model.tokens_per_frame(8, 8)
+        assert cache.layer_kv(0)[0].shape[1] == cache.cached_frames * model.tokens_per_frame(8, 8)
     windowed = model(x, t, text, frames_per_block=frames_per_block, window_frames=window).sample
     assert (torch.cat(outs, 2) - windowed).abs().max() <= TOL
     assert cache.num_frames == 6  # positions keep counting while old frames leave
@@ -77,6 +77,47 @@ def test_sliding_window_cache_equals_the_windowed_block_causal_forward(frames_pe
         assert (full - windowed).abs().max() > 1e-3
     else:
         assert (full - windowed).abs().max() <= TOL
+
+
+class _DenseMaskSelfAttention(WanAttnProcessor):
+    """diffusers' own processor, its self-attention given a dense (L, L) mask: the reference that the
+    mask-free block-causal attention must equal."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.mask = mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        mask = self.mask if encoder_hidden_states is None else None
+        return super().__call__(attn, hidden_states, encoder_hidden_states, mask, rotary_emb)
+
+
+def _dense_block_causal_mask(frames, tokens_per_frame, frames_per_block, window=None, sink=0):
+    """Token i sees token j when j's frame is in i's block or before it; with a window, of the frames
+    before i's block only the first `sink` and the last `window - sink` (written from the definition)."""
+    frame = torch.arange(frames * tokens_per_frame) // tokens_per_frame
+    block_start = frame // frames_per_block * frames_per_block
+    q_start, k_frame = block_start[:, None], frame[None, :]
+    mask = k_frame < q_start + frames_per_block
+    if window is not None:
+        mask &= (k_frame < sink) | (k_frame >= q_start - (window - sink))
+    return mask
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("frames_per_block, window, sink", [(1, None, 0), (2, None, 0), (1, 3, 1), (2, 4, 2), (1, 2, 0)])
+def test_mask_free_block_causal_equals_diffusers_wan_with_a_dense_mask(frames_per_block, window, sink):
+    model = tiny_wan()
+    reference = WanTransformer3DModel(**WAN_CONFIGS["tiny"]).eval()
+    reference.load_state_dict(model.state_dict(), strict=True)
+    x, t, text = inputs(frames=8)
+    mask = _dense_block_causal_mask(8, model.tokens_per_frame(8, 8), frames_per_block, window, sink)
+    for block in reference.blocks:
+        block.attn1.set_processor(_DenseMaskSelfAttention(mask))
+    ours = model(x, t, text, frames_per_block=frames_per_block, window_frames=window, sink_frames=sink).sample
+    assert (ours - reference(x, t, text).sample).abs().max() <= TOL
+    cached, _ = _cached_blockwise(model, x, t, text, frames_per_block, window, sink)
+    assert (cached - ours).abs().max() <= TOL
 
 
 def _cached_blockwise(model, x, t, text, frames_per_block, window, sink):
@@ -107,7 +148,7 @@ def test_attention_sink_cache_equals_the_sink_masked_block_causal_forward(frames
     t = torch.rand(2, 12, generator=torch.Generator().manual_seed(4)) * 1000  # per frame
     cached, cache = _cached_blockwise(model, x, t, text, frames_per_block, window, sink)
     assert cache.frame_positions() == kept and cache.num_frames == 12
-    assert cache.self_kv[0][0].shape[1] == len(kept) * model.tokens_per_frame(8, 8)
+    assert cache.layer_kv(0)[0].shape[1] == len(kept) * model.tokens_per_frame(8, 8)
     full = model(x, t, text, frames_per_block=frames_per_block, window_frames=window, sink_frames=sink).sample
     assert (cached - full).abs().max() <= TOL
     unbounded = model(x, t, text, frames_per_block=frames_per_block).sample
@@ -168,7 +209,8 @@ def test_fused_write_and_predict_equals_the_two_calls(frames_per_block, window, 
                       update_cache=True, write_frames=f).sample[:, :, f:]
         assert (fused - two_calls).abs().max() <= 1e-5
         assert caches[1].num_frames == caches[0].num_frames == (k + 1) * f
-        for (k0, v0), (k1, v1) in zip(caches[0].self_kv, caches[1].self_kv):
+        for layer in range(len(model.blocks)):
+            (k0, v0), (k1, v1) = caches[0].layer_kv(layer), caches[1].layer_kv(layer)
             assert k0.shape == k1.shape and (k0 - k1).abs().max() <= 1e-5 and (v0 - v1).abs().max() <= 1e-5
 
 

@@ -116,7 +116,6 @@ def meta_context(cfg, negative: torch.Tensor) -> distill.StepContext:
         cfg, distill.TorchOptimised(student, cfg.train.lr, cfg.train),
         distill.LocalTeacher(teacher, negative.to(META), cfg.method.real_guidance),
         distill.LocalCritic(distill.TorchOptimised(critic, cfg.train.critic_lr, cfg.train), cfg.method),
-        lambda: distill.module_state(student),
     )
 
 
@@ -197,8 +196,7 @@ def test_the_critic_and_teacher_actors_compute_on_their_own_device(tiny_data):
     recorder = RecordingCritic(distill.LocalCritic(distill.TorchOptimised(load_critic(cfg), cfg.train.critic_lr, cfg.train), cfg.method))
     student = load_student(cfg.model)
     ctx = distill.StepContext(cfg, distill.TorchOptimised(student, cfg.train.lr, cfg.train),
-                              distill.LocalTeacher(teacher, negative, cfg.method.real_guidance), recorder,
-                              lambda: distill.module_state(student))
+                              distill.LocalTeacher(teacher, negative, cfg.method.real_guidance), recorder)
     batch = next(distill.epoch_batches(data.read_dataset(tiny_data), 2))
     batch = distill.rows_to_batch(batch, [0, 1])
     distill.generator_step(ctx, batch, 0)

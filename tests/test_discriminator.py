@@ -133,7 +133,7 @@ def test_frozen_critic_gives_gradient_on_the_sample_only(checkpointing):
     still differentiates through trunk and heads to the sample, and no parameter gets a .grad."""
     critic = _critic().train()
     if checkpointing:
-        critic.trunk.enable_gradient_checkpointing()
+        critic.enable_gradient_checkpointing()
     critic.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 4, 2, 8, 8, generator=g), torch.randn(2, 4, 2, 8, 8, generator=g)

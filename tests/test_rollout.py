@@ -240,3 +240,37 @@ def test_per_sample_generators_make_a_sample_independent_of_its_batch():
     assert torch.allclose(both, torch.cat(alone), atol=1e-5)
     swapped = rollout(model, noise, text, steps, 1, exit_steps=exits, context_noise=50.0, generator=gens(8, 7)).x0
     assert not torch.allclose(both, swapped, atol=1e-3)  # the generators do drive the re-noising
+
+
+def _retained_by_a_grad_rollout(model, blocks: int) -> int:
+    """Heap bytes a framewise rollout with grad on every block holds until its backward (the graph,
+    checkpoint inputs and what they reference), over the same rollout's output alone."""
+    from pipeline.distributed import heap_bytes
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 16, blocks, 16, 16, generator=g, dtype=torch.bfloat16)
+    text = torch.randn(1, 8, 4096, generator=g, dtype=torch.bfloat16)
+    steps = inference_schedule(blocks, [1000.0], "uniform")
+    before = heap_bytes()
+    out = rollout(model, noise, text, steps, 1, gradient_num_blocks=blocks).x0
+    retained = heap_bytes() - before
+    out.float().sum().backward()
+    return retained
+
+
+def test_a_checkpointed_rollout_retains_memory_linear_in_its_frames():
+    """True width (Wan 1.3B: 1536 wide, 12 heads; 2 layers, a 16x16 latent), bf16, grad on every block.
+    Each block's K/V are stored once and a checkpointed forward keeps references to them, so doubling
+    the frames doubles what is held: 8 -> 16 blocks adds twice what 4 -> 8 did. A cache that copies
+    itself on every write, captured by every checkpoint, adds ~4x (the sum of past frames)."""
+    from pipeline.models.causal_wan import CausalWanModel
+    from pipeline.models.wan_weights import WAN_CONFIGS
+
+    torch.manual_seed(0)
+    model = CausalWanModel(**{**WAN_CONFIGS["wan2.1-t2v-1.3b"], "num_layers": 2}).to(torch.bfloat16)
+    model.compute_dtype = torch.bfloat16
+    model.enable_gradient_checkpointing()
+    _retained_by_a_grad_rollout(model, 2)  # warm-up: lazily built tables and allocator pools
+    held = {blocks: _retained_by_a_grad_rollout(model, blocks) for blocks in (4, 8, 16)}
+    growth = (held[16] - held[8]) / (held[8] - held[4])
+    assert 1.6 <= growth <= 2.5, held

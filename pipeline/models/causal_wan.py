@@ -15,11 +15,14 @@ is how it can be called:
 Causality lives in the attention processors: a token in block b attends to every token of blocks <= b.
 With a cache, the current block's queries attend to [cached K/V ; current K/V] and RoPE is applied at the
 block's absolute frame position, so generating block by block equals the block-causal full forward.
-`timestep` may be per sample (B,) or per latent frame (B, F).
+`timestep` may be per sample (B,) or per latent frame (B, F). No mask is ever built: queries that see
+the same keys form a query block, and each block is one attention call over just its keys (a prefix of
+the clip, or the sink and the recent frames), so memory stays linear in the clip and every call can take
+the flash kernel.
 
 Long videos: a cache made with `window_frames` keeps the clip's first `sink_frames` latent frames for good
 (the attention sink) and the most recent `window_frames - sink_frames`; the whole-clip forward takes the
-same two numbers and masks accordingly, so both still agree. One rule decides what a query frame sees
+same two numbers and limits each block's keys accordingly, so both still agree. One rule decides what a query frame sees
 (`_visible_frames`), for the full, the cached and the fused forward alike.
 
 The mode of a forward reaches the processors through a context variable set around each transformer block,
@@ -51,16 +54,19 @@ from diffusers.utils import BaseOutput
 
 @dataclass
 class KVCache:
-    """Per-layer self-attention K/V of the clean blocks generated so far, plus the text K/V.
+    """Per layer, the self-attention K/V of each cached frame, plus the text K/V.
 
-    Tensors are (B, tokens, heads, head_dim), RoPE already applied to K. Appending builds new tensors
-    (torch.cat) rather than writing in place, so a forward that captured the cache earlier (e.g. for
-    gradient-checkpoint recompute) still sees the K/V it was computed with. The text K/V are filled and
+    `self_kv[layer]` holds one (K, V) pair per cached token frame (`patch_size[0]` latent frames; one with
+    Wan2.1), in frame order, each (B, tokens_per_frame, heads, head_dim) with RoPE already applied to K.
+    Every frame's K/V are stored once, as written: a write appends views of the forward's tensors and an
+    eviction drops list entries, so nothing is ever copied. A forward that captured the cache earlier (a
+    gradient-checkpoint recompute) keeps a list of references to those same tensors, never a copy of the
+    cache as it was: what a rollout retains grows linearly with its frames. The text K/V are filled and
     reused only by forwards without grad: a forward with grad computes its own, so the text embedder and
     the cross-attention K/V projections get gradients.
     """
 
-    self_kv: list[tuple[torch.Tensor, torch.Tensor] | None]
+    self_kv: list[list[tuple[torch.Tensor, torch.Tensor]]]
     text_kv: list[tuple[torch.Tensor, torch.Tensor] | None]
     # Latent frames written so far: the absolute position (RoPE offset) of the next block. With a window
     # it keeps counting while old frames leave the cache, so positions never shift.
@@ -72,7 +78,8 @@ class KVCache:
     def empty(cls, num_layers: int, window_frames: int | None = None, sink_frames: int = 0) -> KVCache:
         check_window(window_frames, sink_frames)
         return cls(
-            self_kv=[None] * num_layers, text_kv=[None] * num_layers, window_frames=window_frames, sink_frames=sink_frames
+            self_kv=[[] for _ in range(num_layers)], text_kv=[None] * num_layers, window_frames=window_frames,
+            sink_frames=sink_frames,
         )
 
     @property
@@ -86,14 +93,24 @@ class KVCache:
             return list(range(n))
         return list(range(sink)) + list(range(n - (window - sink), n))
 
-    def evict(self, tokens_per_frame: int) -> None:
-        """Drop the frames outside [sink ; most recent window - sink]; `tokens_per_frame` per latent frame."""
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One layer's cached K and V as (B, tokens, heads, head_dim) tensors (a copy), None when empty."""
+        frames = self.self_kv[layer]
+        if not frames:
+            return None
+        return torch.cat([k for k, _ in frames], 1), torch.cat([v for _, v in frames], 1)
+
+    def append(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], frames: int, tokens_per_entry: int, frames_per_entry: int) -> None:
+        """Store each layer's written K/V frame by frame, advance by `frames` latent frames, then drop what
+        the window no longer keeps: the clip's first `sink_frames` and the most recent `window - sink`."""
+        for stored, (key, value) in zip(self.self_kv, new_kv):
+            stored.extend(zip(key.split(tokens_per_entry, 1), value.split(tokens_per_entry, 1)))
+        self.num_frames += frames
         window, sink = self.window_frames, self.sink_frames
         if window is None or self.num_frames <= window:
             return
-        head, tail = sink * tokens_per_frame, (window - sink) * tokens_per_frame
-        self.self_kv = [(torch.cat([k[:, :head], k[:, -tail:]], 1), torch.cat([v[:, :head], v[:, -tail:]], 1))
-                        for k, v in self.self_kv]
+        head, tail = sink // frames_per_entry, (window - sink) // frames_per_entry
+        self.self_kv = [stored[:head] + stored[-tail:] for stored in self.self_kv]
 
 
 def check_window(window_frames: int | None, sink_frames: int) -> None:
@@ -126,17 +143,49 @@ def _visible_frames(
     return visible
 
 
+@dataclass(frozen=True)
+class _QueryBlock:
+    """Queries that see the same keys: a token range of the current input, and the token ranges of the
+    [cached ; current] keys they attend to (the sink and the recent frames are two ranges)."""
+
+    queries: slice
+    keys: tuple[slice, ...]
+
+
 @dataclass
 class _AttentionCall:
     """What the processors of one forward need beyond their inputs; captured per call."""
 
-    mask: torch.Tensor | None = None  # (L_query, L_key) bool over [cached ; current] keys; None = all visible
-    past_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    # Block-causal structure as one attention call per group of queries, over only the keys they see:
+    # no mask, so no (L, L) tensor and the fastest kernel for each call. None: every query sees every key.
+    query_blocks: list[_QueryBlock] | None = None
+    past_kv: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)  # per layer, per frame
     new_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # filled when writing the cache
     write_tokens: int | None = None  # the first this many current tokens are written (None: all)
     # The cache's text K/V, read and filled in place; None (compute them afresh) when the forward carries
     # grad, whose cached copy would have no graph and whose own copy must not outlive the step.
     text_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+
+
+def _query_blocks(visible: torch.Tensor, tokens_per_frame: int) -> list[_QueryBlock] | None:
+    """`visible` (query frames, key frames) as query blocks in tokens: consecutive query frames that see
+    the same key frames form one block, the runs of visible key frames its key ranges."""
+    if visible.all():
+        return None
+    rows, blocks, first = visible.tolist(), [], 0
+    for end in range(1, len(rows) + 1):
+        if end < len(rows) and rows[end] == rows[first]:
+            continue
+        runs, start = [], None
+        for j, seen in enumerate([*rows[first], False]):
+            if seen and start is None:
+                start = j
+            elif not seen and start is not None:
+                runs.append(slice(start * tokens_per_frame, j * tokens_per_frame))
+                start = None
+        blocks.append(_QueryBlock(slice(first * tokens_per_frame, end * tokens_per_frame), tuple(runs)))
+        first = end
+    return blocks
 
 
 # The `_AttentionCall` of the transformer block running in this thread (None: bidirectional). Set per
@@ -161,10 +210,25 @@ def _key_value(attn: WanAttention, source: torch.Tensor) -> tuple[torch.Tensor, 
     return key, value
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(B, L, H, D) layout in and out, like diffusers' dispatch_attention_fn."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
+
+
+def _key_ranges(x: torch.Tensor, ranges: tuple[slice, ...]) -> torch.Tensor:
+    """The tokens of `x` (B, L, ...) in `ranges`: a view when they are one range."""
+    return x[:, ranges[0]] if len(ranges) == 1 else torch.cat([x[:, r] for r in ranges], 1)
+
+
+def _block_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: list[_QueryBlock] | None
+) -> torch.Tensor:
+    """Attention of each query block over its key ranges, one call per block (what a dense block-causal
+    mask would give, without building it; backward keeps views of `k`/`v`, not a copy per block)."""
+    if blocks is None:
+        return _attend(q, k, v)
+    return torch.cat([_attend(q[:, b.queries], _key_ranges(k, b.keys), _key_ranges(v, b.keys)) for b in blocks], 1)
 
 
 class CausalWanAttnProcessor:
@@ -195,7 +259,7 @@ class CausalWanAttnProcessor:
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         if self.cross:
             key, value = self._text_key_value(attn, encoder_hidden_states, call.text_kv)
-            out = _attend(query, key, value, None)
+            out = _attend(query, key, value)
         else:
             key, value = _key_value(attn, hidden_states)
             query = _rotate(query, *rotary_emb)
@@ -219,11 +283,11 @@ class CausalWanAttnProcessor:
         if call.new_kv is not None:
             write = slice(None, call.write_tokens)
             call.new_kv[self.layer] = (key[:, write], value[:, write])
-        past = call.past_kv[self.layer] if call.past_kv else None
-        if past is not None:
-            key = torch.cat([past[0], key], dim=1)
-            value = torch.cat([past[1], value], dim=1)
-        return _attend(query, key, value, call.mask)
+        past = call.past_kv[self.layer] if call.past_kv else []
+        if past:  # a transient copy: the cache keeps its frames, a checkpoint its references to them
+            key = torch.cat([*(k for k, _ in past), key], dim=1)
+            value = torch.cat([*(v for _, v in past), value], dim=1)
+        return _block_causal_attention(query, key, value, call.query_blocks)
 
 
 class CausalWanOutput(BaseOutput):
@@ -319,13 +383,10 @@ class CausalWanModel(WanTransformer3DModel):
         return CausalWanOutput(sample=sample, features=features or None)
 
     def _write(self, cache: KVCache, call: _AttentionCall, x: torch.Tensor, write_frames: int | None) -> None:
-        """Append this forward's written K/V, advance the frame count, evict what the window drops."""
-        cache.self_kv = [
-            new if old is None else (torch.cat([old[0], new[0]], 1), torch.cat([old[1], new[1]], 1))
-            for old, new in zip(cache.self_kv, call.new_kv)
-        ]
-        cache.num_frames += x.shape[2] if write_frames is None else write_frames
-        cache.evict(self.tokens_per_frame(*x.shape[3:]) // self.config.patch_size[0])
+        """Store this forward's written K/V frame by frame; the cache advances and applies its window."""
+        p_t = self.config.patch_size[0]
+        frames = x.shape[2] if write_frames is None else write_frames
+        cache.append(call.new_kv, frames, self.tokens_per_frame(*x.shape[3:]), p_t)
 
     def _attention_call(
         self, x: torch.Tensor, frames_per_block: int | None, kv_cache: KVCache | None, update_cache: bool,
@@ -339,37 +400,34 @@ class CausalWanModel(WanTransformer3DModel):
             if update_cache or write_frames is not None:
                 raise ValueError("update_cache=True needs a kv_cache")
             check_window(window_frames, sink_frames)
-            mask = self._frame_mask(x, 0, block, torch.arange(num_frames), window_frames, sink_frames)
-            return _AttentionCall(mask=mask)
+            blocks = self._frame_blocks(x, 0, block, torch.arange(num_frames), window_frames, sink_frames)
+            return _AttentionCall(query_blocks=blocks)
         if window_frames is not None or sink_frames:
             raise ValueError("pass either kv_cache (whose window and sink it keeps) or window_frames/sink_frames, not both")
         if write_frames is not None and (not update_cache or write_frames % block or not 0 < write_frames <= num_frames):
             raise ValueError(f"write_frames={write_frames} needs update_cache=True and whole blocks of {block} of the {num_frames} frames")
         start = kv_cache.num_frames
         keys = torch.tensor(kv_cache.frame_positions() + list(range(start, start + num_frames)), dtype=torch.long)
-        mask = self._frame_mask(x, start, block, keys, kv_cache.window_frames, kv_cache.sink_frames)
+        blocks = self._frame_blocks(x, start, block, keys, kv_cache.window_frames, kv_cache.sink_frames)
         tokens = self.tokens_per_frame(height, width) // self.config.patch_size[0]
         new_kv = [None] * len(self.blocks) if update_cache else None
         # Decided once here, outside any checkpoint, so a recompute runs the same ops as the forward.
         text_kv = None if torch.is_grad_enabled() else list(kv_cache.text_kv)
         return _AttentionCall(
-            mask=mask, past_kv=list(kv_cache.self_kv), new_kv=new_kv, text_kv=text_kv,
+            query_blocks=blocks, past_kv=[list(frames) for frames in kv_cache.self_kv], new_kv=new_kv, text_kv=text_kv,
             write_tokens=None if write_frames is None else write_frames * tokens,
         )
 
-    def _frame_mask(
+    def _frame_blocks(
         self, x: torch.Tensor, start: int, block: int, key_frames: torch.Tensor, window: int | None, sink: int
-    ) -> torch.Tensor | None:
-        """The token mask of `_visible_frames` for queries at latent frames [start, start + F), None when
-        every query sees every key (a single cached block: the plain, fastest attention)."""
+    ) -> list[_QueryBlock] | None:
+        """`_visible_frames` for queries at latent frames [start, start + F) as query blocks, None when
+        every query sees every key (a single cached block: one plain attention call)."""
         p_t = self.config.patch_size[0]
         queries = torch.arange(start, start + x.shape[2], p_t)
         visible = _visible_frames(queries // p_t, block // p_t, key_frames[::p_t] // p_t,
                                   None if window is None else window // p_t, sink // p_t)
-        if visible.all():
-            return None
-        per_frame = self.tokens_per_frame(*x.shape[3:])
-        return visible.repeat_interleave(per_frame, 0).repeat_interleave(per_frame, 1).to(x.device)
+        return _query_blocks(visible, self.tokens_per_frame(*x.shape[3:]))
 
     def _rope(self, x: torch.Tensor, frame_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """diffusers' RoPE table (WanRotaryPosEmbed) for latent frames [frame_offset, frame_offset + F)."""

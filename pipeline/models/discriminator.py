@@ -67,8 +67,12 @@ class GANHeads(ModelMixin, ConfigMixin):
     """Discriminator heads: `forward(features, timestep)` -> (B,) logits, one feature map per tap.
 
     `hidden_dim` is the width of the final MLP; None (the default) means the feature dim D, as in the
-    paper's head.
+    paper's head. With gradient checkpointing on (`enable_gradient_checkpointing`), a tap keeps only its
+    input, the trunk's feature map, and recomputes its normed tokens, keys and values (three more
+    full-length maps) in backward.
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -93,6 +97,7 @@ class GANHeads(ModelMixin, ConfigMixin):
         self.head = nn.Sequential(
             nn.LayerNorm(width, eps=1e-5), nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, 1)
         )
+        self.gradient_checkpointing = False
 
     def forward(self, features: list[torch.Tensor], timestep: torch.Tensor | None = None) -> torch.Tensor:
         if len(features) != len(self.taps):
@@ -103,8 +108,14 @@ class GANHeads(ModelMixin, ConfigMixin):
                 raise ValueError("these GAN heads are timestep-conditioned: pass the timestep")
             freqs = self.time_proj(timestep.flatten()).to(features[0].dtype)
             condition = self.time_embedder(freqs)
-        registers = [tap(f, condition).flatten(1) for tap, f in zip(self.taps, features)]
+        registers = [self._run_tap(tap, f, condition).flatten(1) for tap, f in zip(self.taps, features)]
         return self.head(torch.cat(registers, dim=1)).squeeze(1)
+
+
+    def _run_tap(self, tap: RegisterTap, tokens: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(tap, tokens, condition)
+        return tap(tokens, condition)
 
 
 class Critic(nn.Module):
@@ -123,6 +134,12 @@ class Critic(nn.Module):
         self.trunk = trunk
         self.heads = heads
         self.feature_layers = tuple(sorted(feature_layers))
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the trunk's blocks and the GAN taps in backward: activations of a few full-length
+        maps per block instead of every intermediate."""
+        self.trunk.enable_gradient_checkpointing()
+        self.heads.enable_gradient_checkpointing()
 
     @property
     def compute_dtype(self) -> torch.dtype:

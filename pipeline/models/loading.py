@@ -87,22 +87,27 @@ def _from_teacher(cfg: ModelConfig, role: str, arch: str) -> CausalWanModel:
     return teacher.train().requires_grad_(True)
 
 
-def load_student(cfg: ModelConfig, device: str | torch.device = "cpu", for_ode_init: bool = False) -> CausalWanModel:
+def load_student(
+    cfg: ModelConfig, device: str | torch.device = "cpu", for_ode_init: bool = False, checkpointing: bool = False
+) -> CausalWanModel:
     """The trainable causal student in float32 (DeepSpeed casts for bf16 training), from
     `student_init_path` (ODE init) or `student_path` (distillation: the ODE-init export), a diffusers
-    directory or a single file; when that is empty, from the teacher's weights."""
+    directory or a single file; when that is empty, from the teacher's weights. `checkpointing`
+    (`train.gradient_checkpointing`): its blocks recompute in backward."""
     path = cfg.student_init_path if for_ode_init else cfg.student_path
     if path:
         with about("model.student_init_path" if for_ode_init else "model.student_path", path):
             model = load_wan(path, config=cfg.student_arch, dtype=torch.float32)
     else:
         model = _from_teacher(cfg, "student", cfg.student_arch)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
     return model.to(device).train().requires_grad_(True)
 
 
 def load_critic(cfg: Config, device: str | torch.device = "cpu") -> Critic:
     """The critic: a bidirectional Wan trunk (`critic_path`, or the teacher's weights) and GAN heads
-    with seeded random init, in float32."""
+    with seeded random init, in float32; with `train.gradient_checkpointing`, both recompute in backward."""
     m = cfg.model
     if m.critic_path:
         with about("model.critic_path", m.critic_path):
@@ -116,7 +121,10 @@ def load_critic(cfg: Config, device: str | torch.device = "cpu") -> Critic:
             trunk, disc.feature_layers, num_registers=disc.num_registers, num_heads=disc.num_heads,
             ffn_dim=disc.ffn_dim, hidden_dim=disc.hidden_dim, timestep_conditioning=disc.timestep_conditioning,
         )
-    return Critic(trunk, heads, disc.feature_layers).to(device).train().requires_grad_(True)
+    critic = Critic(trunk, heads, disc.feature_layers)
+    if cfg.train.gradient_checkpointing:
+        critic.enable_gradient_checkpointing()
+    return critic.to(device).train().requires_grad_(True)
 
 
 def student_architecture(cfg: ModelConfig, for_ode_init: bool = False) -> dict:
