@@ -163,18 +163,15 @@ class ClipGenerator:
 
     @torch.no_grad()
     def stream(self, prompt: str, seed: int) -> Iterator[np.ndarray]:
-        """Frames (n, H, W, 3) in [0, 1] as each block is generated. The prefix is re-decoded each time
-        and only the new frames are yielded: exact for any causal codec (the patch codec is per frame;
-        the Wan VAE is causal in time). Long clips: `settings.cache_window` and `settings.sink_frames`."""
+        """Frames (n, H, W, 3) in [0, 1] as each block is generated, each block decoded alone through the
+        codec's streaming decoder (its causal caches carry the clip): the frames equal `generate`'s, and
+        the decode per block does not grow with the clip. Long clips: `settings.cache_window` and
+        `settings.sink_frames`."""
         noise, text, steps, renoise = self._inputs(prompt, seed)
         s = self.settings
-        blocks: list[torch.Tensor] = []
-        shown = 0
+        decoder = self.codec.stream_decoder()
         for block in iter_blocks(self.student, noise, text, steps, s.frames_per_block, generator=renoise, **s.rollout_options()):
-            blocks.append(block)
-            frames = self._decode(torch.cat(blocks, dim=2))
-            yield frames[shown:]
-            shown = len(frames)
+            yield video_to_clips(decoder.decode(block.float()))[0]
 
     @torch.no_grad()
     def generate(self, prompt: str, seed: int) -> np.ndarray:

@@ -89,6 +89,39 @@ def test_wan_vae_codec_shapes_and_normalisation(tiny_vae):
         codec.encode(_video(b=1, t=8, h=16, w=16))
 
 
+def test_wan_vae_stream_decodes_only_the_new_frames_and_equals_the_whole_decode(tiny_vae):
+    """Pieces of 1, 2 and 3 latent frames (a first block, then chunks) through one stream: equal to
+    diffusers' decode of the whole clip, with the decoder run once per new latent frame, never over
+    the past. Two streams on one VAE do not share state."""
+    codec = WanVAECodec(tiny_vae)
+    latents = torch.randn(1, 4, 6, 2, 2, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = codec.decode(latents)
+    runs = []
+    hook = tiny_vae.decoder.register_forward_pre_hook(lambda module, args: runs.append(args[0].shape[2]))
+    try:
+        stream, other = codec.stream_decoder(), codec.stream_decoder()
+        other.decode(torch.randn(1, 4, 2, 2, 2))  # interleaved with the first stream's pieces
+        pieces, calls = [], []
+        for piece in (slice(0, 1), slice(1, 3), slice(3, 6)):
+            runs.clear()
+            pieces.append(stream.decode(latents[:, :, piece]))
+            calls.append(list(runs))
+            other.decode(torch.randn(1, 4, 1, 2, 2))
+    finally:
+        hook.remove()
+    assert [p.shape[2] for p in pieces] == [1, 8, 12]  # 1 frame, then 4 per latent frame
+    assert calls == [[1], [1, 1], [1, 1, 1]]  # one latent frame per decoder run, only the new ones
+    assert (torch.cat(pieces, 2) - whole).abs().max() <= 1e-5
+
+
+def test_the_patch_codec_streams_frame_by_frame():
+    codec = PatchCodec(4)
+    latents = torch.randn(1, 48, 5, 2, 2)
+    stream = codec.stream_decoder()
+    assert torch.equal(torch.cat([stream.decode(latents[:, :, :2]), stream.decode(latents[:, :, 2:])], 2), codec.decode(latents))
+
+
 def test_wan_vae_codec_loads_a_folder_or_a_pipeline_checkout(tiny_vae, tmp_path):
     tiny_vae.save_pretrained(tmp_path / "vae")
     video = _video(b=1, t=5, h=16, w=16)

@@ -1,12 +1,18 @@
 """Video codecs: pixels (B, 3, T, H, W) in [-1, 1] <-> latents (B, C, T', H', W').
 
-Two codecs share one small interface (`encode`, `decode`, `latent_shape`, and the factors below):
+Two codecs share one small interface (`encode`, `decode`, `latent_shape`, `stream_decoder`, and the
+factors below):
 - `PatchCodec`, the toy world's: an exact, parameter-free space-to-depth, so the toy measures the method
   and not a learned autoencoder's errors;
 - `WanVAECodec`, diffusers' `AutoencoderKLWan` with the latent normalisation Wan's pipelines apply:
   latents = (mode(posterior) - latents_mean) / latents_std on the way in, the inverse on the way out
   (`WanPipeline.__call__` and `WanVideoToVideoPipeline.prepare_latents` in diffusers).
 `load_codec("patch:4")` or `load_codec("/path/to/vae")` picks one.
+
+Streaming: `codec.stream_decoder()` decodes a clip piece by piece, each call only the latent frames it
+is given, and the pieces concatenated equal `decode` of the whole clip. Both codecs are causal in time
+(the patch codec per frame; the Wan VAE's decoder keeps a cache of each causal convolution's last
+frames), so a stream never re-decodes its past and the cost per frame does not grow with the clip.
 """
 
 from __future__ import annotations
@@ -38,6 +44,14 @@ class Codec(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]: ...
+
+    def stream_decoder(self) -> StreamDecoder: ...
+
+
+class StreamDecoder(Protocol):
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The pixels of the next latent frames of the clip, given only those frames."""
+        ...
 
 
 def _channel_stats(values: Sequence[float] | None, fill: float, patch_size: int) -> torch.Tensor:
@@ -113,6 +127,9 @@ class PatchCodec(nn.Module):
         x = latents.reshape(b, 3, p, p, t, hp, wp).permute(0, 1, 4, 5, 2, 6, 3)
         return x.reshape(b, 3, t, hp * p, wp * p)
 
+    def stream_decoder(self) -> PatchCodec:
+        return self  # per frame: decoding the next frames alone is decoding them
+
 
 class WanVAECodec(nn.Module):
     """diffusers' `AutoencoderKLWan` with Wan's latent normalisation; T frames -> 1 + (T-1)/4 latents.
@@ -164,6 +181,43 @@ class WanVAECodec(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         z = latents.float() * self.latents_std + self.latents_mean
         return self.vae.decode(z.to(self.vae.dtype)).sample.float()
+
+    def stream_decoder(self) -> WanVAEStream:
+        return WanVAEStream(self)
+
+
+class WanVAEStream:
+    """One clip's decode, piece by piece, through the Wan VAE's causal caches.
+
+    It runs what `AutoencoderKLWan._decode` runs for each latent frame (its decoder on one frame, the
+    first as `first_chunk`, with the cache of every causal convolution's last frames), but the cache is
+    this object's and outlives the call: the next piece continues the clip. Only the frames given are
+    decoded. The VAE itself holds no state of it, so one VAE serves several streams at once. (Tiling is
+    not applied: the Wan configs decode 480x832 whole.)"""
+
+    def __init__(self, codec: WanVAECodec) -> None:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+        self.codec = codec
+        convolutions = sum(isinstance(m, WanCausalConv3d) for m in codec.vae.decoder.modules())
+        self.cache: list[torch.Tensor | None] = [None] * convolutions
+        self.first = True
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        codec, vae = self.codec, self.codec.vae
+        z = latents.float() * codec.latents_std + codec.latents_mean
+        x = vae.post_quant_conv(z.to(vae.dtype))  # a 1x1x1 convolution: frame by frame already
+        frames = []
+        for i in range(x.shape[2]):
+            frames.append(vae.decoder(x[:, :, i : i + 1], feat_cache=self.cache, feat_idx=[0], first_chunk=self.first))
+            self.first = False
+        out = torch.cat(frames, 2)
+        if vae.config.patch_size is not None:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+            out = unpatchify(out, patch_size=vae.config.patch_size)
+        return out.clamp(-1.0, 1.0).float()
 
 
 WAN_VAE_FILE = "Wan2.1_VAE.pth"  # the name in Wan2.1's own releases
