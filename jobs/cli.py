@@ -40,10 +40,12 @@ def parse(
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
     plan: Callable[[Config], dict] | None = None,
     check: Callable[[Config, argparse.Namespace], None] | None = None,
+    report: Callable[[Config], tuple[str, list[str]]] | None = None,
 ):
     """(config, args). Overrides are `section.key=value`; `--dry-run` prints the resolved config (and,
     for jobs that pass `plan`, where each role would run), runs the job's `check` of its weight paths
-    (layouts and shapes from headers only) and exits without starting anything."""
+    (layouts and shapes from headers only), prints the job's `report` (a table, and one line per
+    problem: exit 2 when there is one) and exits without starting anything."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="experiment YAML (configs/*.yaml); defaults otherwise")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, exit")
@@ -71,6 +73,12 @@ def parse(
             except (OSError, ValueError, KeyError) as err:
                 _exit_bad_input(str(err))
             print("weights: every path's layout and shapes check out")
+        if report is not None:
+            table, problems = report(cfg)
+            print(table)
+            for problem in problems:
+                print(f"error: {problem}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT if problems else 0)
         sys.exit(0)
     return cfg, args
 
@@ -86,7 +94,8 @@ def run_main(
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
     plan: Callable[[Config], dict] | None = None,
     check: Callable[[Config, argparse.Namespace], None] | None = None,
+    report: Callable[[Config], tuple[str, list[str]]] | None = None,
 ) -> None:
     """Parse, then run `main` under the shared failure handling (pipeline/failures.py)."""
-    cfg, args = parse(description, extra=extra, plan=plan, check=check)
+    cfg, args = parse(description, extra=extra, plan=plan, check=check, report=report)
     run_guarded(lambda: main(cfg, args), job=Path(sys.argv[0]).stem or "job")

@@ -56,5 +56,11 @@ def check(cfg: Config, args: argparse.Namespace) -> None:
     check_weights(cfg, "distill")
 
 
+def report(cfg: Config) -> tuple[str, list[str]]:
+    from pipeline.capacity import report as capacity_report
+
+    return capacity_report(cfg)
+
+
 if __name__ == "__main__":
-    run_main(main, __doc__, extra_args, plan, check)
+    run_main(main, __doc__, extra_args, plan, check, report)

@@ -187,15 +187,19 @@ class TorchOptimised:
 def teacher_real_x0(
     teacher: nn.Module, negative: torch.Tensor, guidance: float, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor
 ) -> torch.Tensor:
-    """The teacher's CFG real score: cond and uncond as one 2B forward in the teacher's compute dtype, x0
-    and the guidance combination in fp32 (a bf16 teacher's x0 would otherwise be combined at scale 1 + g
-    in bf16)."""
-    uncond = negative.to(text.device, text.dtype).expand(x_t.shape[0], -1, -1)
-    x_in, t_in = torch.cat([x_t, x_t]).float(), torch.cat([t, t])
-    with torch.no_grad():
-        v = teacher(x_in, t_in, torch.cat([text, uncond])).sample
-    x0_cond, x0_uncond = x0_from_velocity(x_in, v.float(), t_in).chunk(2)
-    return losses.real_x0(x0_cond, x0_uncond, guidance)
+    """The teacher's CFG real score, sample by sample: one sample's cond and uncond as one forward in the
+    teacher's compute dtype (the 14B's activations over a 32,760-token clip for more than one pair at a
+    time would not fit a 48 GB GPU beside its 28.6 GB of weights), x0 and the guidance combination in
+    fp32 (a bf16 teacher's x0 would otherwise be combined at scale 1 + g in bf16)."""
+    uncond = negative.to(text.device, text.dtype)[None]
+    scores = []
+    for i in range(x_t.shape[0]):
+        x_in, t_in = x_t[i : i + 1].float().expand(2, *x_t.shape[1:]), t[i : i + 1].expand(2)
+        with torch.no_grad():
+            v = teacher(x_in, t_in, torch.cat([text[i : i + 1], uncond])).sample
+        x0_cond, x0_uncond = x0_from_velocity(x_in, v.float(), t_in).chunk(2)
+        scores.append(losses.real_x0(x0_cond, x0_uncond, guidance))
+    return torch.cat(scores)
 
 
 class LocalTeacher:

@@ -23,7 +23,7 @@ def test_the_validation_would_catch_a_broken_one():
 
 
 # vCPUs and GPUs of the instance types cluster.yaml names (AWS's published sizes), for the fit check.
-INSTANCES = {"m6i.4xlarge": (16, 0), "p4de.24xlarge": (96, 8), "g6e.12xlarge": (48, 4)}
+INSTANCES = {"m6i.4xlarge": (16, 0), "g6e.12xlarge": (48, 4), "p5.48xlarge": (192, 8)}
 STANDARD = {"CPU", "GPU", "memory", "object_store_memory"}
 
 

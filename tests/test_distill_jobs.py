@@ -162,6 +162,7 @@ def test_dry_run_prints_the_resource_plan_and_starts_nothing(tmp_path):
                   "ray.critic_placement=actors", "ray.critic_actors=1", "ray.critic_resources={CPU: 0.5, critic_gpu: 1}")
     assert "plan:" in log and "2 teacher actor(s) (CPU=0.5 each)" in log and "DeepSpeed ZeRO-2" in log
     assert "1 critic actor(s) (CPU=0.5, critic_gpu=1 each)" in log
+    assert "\ncritic " in log and "H100" in log and "the step is bound by the" in log  # the capacity table, last
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 

@@ -244,18 +244,14 @@ def test_per_sample_generators_make_a_sample_independent_of_its_batch():
 
 def _retained_by_a_grad_rollout(model, blocks: int) -> int:
     """Heap bytes a framewise rollout with grad on every block holds until its backward (the graph,
-    checkpoint inputs and what they reference), over the same rollout's output alone."""
-    from pipeline.distributed import heap_bytes
+    checkpoint inputs and what they reference)."""
+    from pipeline.capacity import held_for_backward
 
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(1, 16, blocks, 16, 16, generator=g, dtype=torch.bfloat16)
     text = torch.randn(1, 8, 4096, generator=g, dtype=torch.bfloat16)
     steps = inference_schedule(blocks, [1000.0], "uniform")
-    before = heap_bytes()
-    out = rollout(model, noise, text, steps, 1, gradient_num_blocks=blocks).x0
-    retained = heap_bytes() - before
-    out.float().sum().backward()
-    return retained
+    return held_for_backward(lambda: rollout(model, noise, text, steps, 1, gradient_num_blocks=blocks).x0)
 
 
 def test_a_checkpointed_rollout_retains_memory_linear_in_its_frames():
@@ -264,11 +260,10 @@ def test_a_checkpointed_rollout_retains_memory_linear_in_its_frames():
     the frames doubles what is held: 8 -> 16 blocks adds twice what 4 -> 8 did. A cache that copies
     itself on every write, captured by every checkpoint, adds ~4x (the sum of past frames)."""
     from pipeline.models.causal_wan import CausalWanModel
-    from pipeline.models.wan_weights import WAN_CONFIGS
+    from pipeline.models.wan_weights import WAN_CONFIGS, cast_like_from_pretrained
 
     torch.manual_seed(0)
-    model = CausalWanModel(**{**WAN_CONFIGS["wan2.1-t2v-1.3b"], "num_layers": 2}).to(torch.bfloat16)
-    model.compute_dtype = torch.bfloat16
+    model = cast_like_from_pretrained(CausalWanModel(**{**WAN_CONFIGS["wan2.1-t2v-1.3b"], "num_layers": 2}), torch.bfloat16)
     model.enable_gradient_checkpointing()
     _retained_by_a_grad_rollout(model, 2)  # warm-up: lazily built tables and allocator pools
     held = {blocks: _retained_by_a_grad_rollout(model, blocks) for blocks in (4, 8, 16)}

@@ -11,7 +11,8 @@ then distils on the same dataset (its clip has the same length) from the same OD
 is all it changes on this path (blocks of 3 latent frames, its GAN tap and R1/R2), with the teacher and
 the critic inside the Train worker and its run directory on local disk: the actors and the checkpoints
 (~2 GB of DeepSpeed and critic states) through the S3 server, the slowest part of this test, would
-only repeat the framewise run's. ODE init and generation with
+only repeat the framewise run's. For the same reason ODE init keeps its run directory on local disk
+and writes only its export to S3, which the distillation reads. ODE init and generation with
 blocks of 3 run at toy size in tests/test_quickstart.py and tests/test_generation.py. About 9 jobs'
 worth of Ray start-up and ~4 GB through the S3 server make this the suite's longest test."""
 
@@ -112,8 +113,13 @@ def test_the_shipped_configs_at_true_width_in_bf16_on_s3(ray_local, ray_cluster,
     assert info.latent.shape == (16, 6, 4, 4) and info.text_embedding.shape[-1] == 4096
     assert len(data.written_ids(framewise.data.output)) == 2
 
-    ode_init.main(framewise, argparse.Namespace(export=False))
-    export = trainer.export_path(framewise, "ode_init")
+    # ODE init's run directory (its DeepSpeed states) on local disk, its export on S3: the distillation
+    # below sends its own checkpoints and the critic actors' shards through S3.
+    ode = shipped("wan_1_3b_framewise", releases, ray_cluster[0], tmp_path, f"train.storage_path={tmp_path / 'runs'}",
+                  f"train.export_path={BUCKET}/ode_init_export")
+    ode_init.main(ode, argparse.Namespace(export=False))
+    export = trainer.export_path(ode, "ode_init")
+    assert export.startswith("s3://")
     dist = shipped("wan_1_3b_framewise", releases, ray_cluster[0], tmp_path, f"model.student_path={export}/transformer")
     distill.main(dist, argparse.Namespace(export=False))
     clip = read_video(str(generate(dist, trainer.export_path(dist, "distill"), f"{BUCKET}/videos/framewise", tmp_path)))

@@ -1,0 +1,192 @@
+"""What only a GPU shows, in one prepared run: bf16 kernels, real speed and real memory, next to the
+planner's predictions. About 5 minutes on one H200; run it whenever a GPU is lent, never in CI.
+
+    python bench/gpu.py                               # CUDA: Wan 1.3B at 480x832, 21 latent frames
+    python bench/gpu.py --device cpu --tiny           # the same code at toy size (the suite runs this)
+
+1. The machine: GPU, torch and CUDA versions, NCCL, whether SDPA has its flash kernel for bf16.
+2. Generation, a random-init Wan 1.3B causal student in bf16, one step per latent frame (framewise):
+   first-block latency and steady ms per latent frame, fused and unfused cache writes, with and without
+   the Wan VAE's streaming decode (random init, Wan's architecture). The authors' 1xH200 figures for
+   their student: 102 ms first block, 117.8 ms per latent frame, 4.13 s a clip (VAE 1.62 s).
+3. One distillation step on one GPU: student and critic in DeepSpeed engines (ZeRO-2, bf16, activation
+   checkpointing), a 1.3B teacher as the 14B's stand-in (the 14B does not fit beside them), every role
+   inside the one worker: seconds per step and peak memory, next to `pipeline.capacity`'s prediction
+   for the same placement.
+Writes bench/results/gpu-<date>.json (or --out) and prints a section for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REPO = Path(__file__).resolve().parents[1]
+FULL = {"arch": "wan2.1-t2v-1.3b", "frames": 21, "height": 60, "width": 104, "text": 512, "steps": 3, "repeats": 3, "vae": {}}
+TINY = {"arch": "tiny", "frames": 4, "height": 8, "width": 8, "text": 5, "steps": 2, "repeats": 2,
+        "vae": {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1, "latents_mean": [0.0] * 4,
+                "latents_std": [1.0] * 4}}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine(device: torch.device) -> dict:
+    facts = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        facts |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
+                  "nccl": ".".join(map(str, torch.cuda.nccl.version())), "bf16": torch.cuda.is_bf16_supported()}
+        try:  # a private-ish API: its signature has changed between torch versions
+            from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+            q = torch.randn(1, 12, 1560, 128, device=device, dtype=torch.bfloat16)
+            facts["flash_sdpa_bf16"] = can_use_flash_attention(SDPAParams(q, q, q, None, 0.0, False, False))
+        except (ImportError, TypeError, RuntimeError) as err:
+            facts["flash_sdpa_bf16"] = f"unknown ({err})"
+    return facts
+
+
+def generation(device: torch.device, size: dict) -> dict:
+    """Per variant: first block latency, then steady ms per latent frame (median of repeats)."""
+    from diffusers import AutoencoderKLWan
+
+    from pipeline.models.causal_wan import CausalWanModel
+    from pipeline.models.codec import WanVAECodec
+    from pipeline.models.wan_weights import WAN_CONFIGS, cast_like_from_pretrained
+    from pipeline.rollout import inference_schedule, iter_blocks
+
+    torch.manual_seed(0)
+    student = cast_like_from_pretrained(CausalWanModel(**WAN_CONFIGS[size["arch"]]), torch.bfloat16).to(device).eval()
+    channels = student.config.in_channels
+    codec = WanVAECodec(AutoencoderKLWan(**size["vae"]).to(device, torch.bfloat16))
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, channels, size["frames"], size["height"], size["width"], generator=g).to(device)
+    text = torch.randn(1, size["text"], student.config.text_dim, generator=g).to(device, torch.bfloat16)
+    steps = inference_schedule(size["frames"], [1000.0], "uniform")
+    results = {}
+    for fused in (False, True):
+        for decode in (False, True):
+            runs = []
+            for _ in range(size["repeats"] + 1):  # the first is a warm-up
+                stream = codec.stream_decoder() if decode else None
+                marks = []
+                sync(device)
+                start = time.perf_counter()
+                with torch.no_grad():
+                    for block in iter_blocks(student, noise, text, steps, 1, fused=fused):
+                        if stream is not None:
+                            stream.decode(block)
+                        sync(device)
+                        marks.append(time.perf_counter() - start)
+                runs.append(marks)
+            runs = runs[1:]
+            first = statistics.median(m[0] for m in runs)
+            steady = statistics.median((m[-1] - m[0]) / (len(m) - 1) for m in runs)
+            results[f"{'fused' if fused else 'unfused'}{' + VAE' if decode else ''}"] = {
+                "first_block_ms": round(1000 * first, 1), "ms_per_latent_frame": round(1000 * steady, 1),
+                "clip_s": round(statistics.median(m[-1] for m in runs), 3)}
+    return results
+
+
+def distillation_step(device: torch.device, size: dict) -> dict:
+    """s/step and peak memory of distill_step with every role in this process, and the planner's figure."""
+    import torch.distributed as dist
+
+    from pipeline import capacity
+    from pipeline.config import load_config
+    from pipeline.distill import Batch, LocalCritic, LocalTeacher, StepContext, distill_step
+    from pipeline.engines import DeepSpeedOptimised
+    from pipeline.models.loading import load_critic, load_student, load_teacher
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29561"), RANK="0",
+                      LOCAL_RANK="0", WORLD_SIZE="1")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    arch = size["arch"]
+    overrides = [f"model.{role}_{key}=" + ("''" if key == "path" else arch) for role in ("teacher", "student", "critic")
+                 for key in ("path", "arch")] + [
+        "model.student_init_path=''", "model.text_encoder_path=''", "model.codec=''",
+        f"model.num_latent_frames={size['frames']}", f"model.latent_height={size['height']}",
+        f"model.latent_width={size['width']}", "ray.num_workers=1", "ray.teacher_actors=0", "ray.critic_placement=trainer",
+        "method.gen_every=1", f"method.gradient_num_blocks={min(17, size['frames'])}",
+    ]
+    if arch == "tiny":
+        overrides += ["method.discriminator.feature_layers=[0, 1]"]
+    cfg = load_config(str(REPO / "configs" / "wan_1_3b_framewise.yaml"), overrides)
+    student = DeepSpeedOptimised(load_student(cfg.model, device, checkpointing=cfg.train.gradient_checkpointing), cfg.train.lr, cfg, 1)
+    critic = DeepSpeedOptimised(load_critic(cfg, device), cfg.train.critic_lr, cfg, 1)
+    g = torch.Generator().manual_seed(0)
+    text_dim = student.module.config.text_dim
+    negative = torch.randn(size["text"], text_dim, generator=g).to(device)
+    ctx = StepContext(cfg, student, LocalTeacher(load_teacher(cfg.model, device), negative, cfg.method.real_guidance),
+                      LocalCritic(critic, cfg.method))
+    shape = (1, student.module.config.in_channels, size["frames"], size["height"], size["width"])
+    batch = Batch(ids=["0"], text=torch.randn(1, size["text"], text_dim, generator=g).to(device),
+                  latent=torch.randn(shape, generator=g).to(device), indices=[0])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = []
+    for step in range(size["steps"]):
+        sync(device)
+        start = time.perf_counter()
+        distill_step(ctx, batch, step)
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    planned = capacity.plan(cfg, capacity.load_cluster(REPO / "cluster.yaml"))
+    student_role = next(r for r in planned.roles if r.role == "student")
+    dist.destroy_process_group()
+    return {"s_per_step": round(statistics.median(seconds[1:]), 3), "peak_gb": round(peak / 1e9, 2),
+            "predicted_gb": round(student_role.total / 1e9, 2),
+            "predicted_tflop_per_step": round(student_role.tflop_per_step, 1),
+            "achieved_tflops": round(student_role.tflop_per_step / statistics.median(seconds[1:]), 1)}
+
+
+def section(result: dict) -> str:
+    m, lines = result["machine"], []
+    lines.append(f"## On a GPU: `python bench/gpu.py` ({result['date']}, {m.get('gpu', m['device'])})")
+    lines.append(f"torch {m['torch']}, CUDA {m.get('cuda', '-')}, NCCL {m.get('nccl', '-')}, "
+                 f"flash SDPA for bf16: {m.get('flash_sdpa_bf16', '-')}\n")
+    lines.append("| generation (Wan 1.3B arch, random init, bf16) | first block ms | ms / latent frame | clip s |")
+    lines.append("|---|---|---|---|")
+    for name, r in result["generation"].items():
+        lines.append(f"| {name} | {r['first_block_ms']} | {r['ms_per_latent_frame']} | {r['clip_s']} |")
+    d = result["distillation"]
+    lines.append(f"\nOne distillation step, every role on the GPU: {d['s_per_step']} s/step, peak {d['peak_gb']} GB "
+                 f"(planner: {d['predicted_gb']} GB; {d['predicted_tflop_per_step']} TFLOP/step, so "
+                 f"{d['achieved_tflops']} TFLOP/s achieved)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes (a check of the script, on any device)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    size = TINY if args.tiny else FULL
+    date = datetime.date.today().isoformat()
+    result = {"date": date, "size": size, "machine": machine(device), "generation": generation(device, size),
+              "distillation": distillation_step(device, size)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"gpu-{date}{'-tiny' if args.tiny else ''}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(section(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The planner: parameter counts on the meta device against the published sizes, model states against
+DeepSpeed's estimator, memory predictions against a measured true-width rollout, and jobs/plan.py on the
+shipped configs (they fit; without checkpointing the student does not, and says so)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs import plan as plan_job
+from pipeline import capacity
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+FRAMEWISE, CHUNKWISE = (str(REPO / "configs" / f"wan_1_3b_{kind}.yaml") for kind in ("framewise", "chunkwise"))
+
+
+@pytest.fixture(scope="module")
+def framewise_plan() -> capacity.Plan:
+    return capacity.plan(load_config(FRAMEWISE, []), capacity.load_cluster(REPO / "cluster.yaml"))
+
+
+def test_parameters_are_the_published_sizes(framewise_plan):
+    """Wan2.1's 1.3B (1.419B with its embeddings) and 14B (14.29B) DiTs, and the critic's trunk plus GAN
+    heads; umT5-XXL's encoder (5.68B) with the VAE (0.127B) on the encoder actors."""
+    params = {r.role: r.params for r in framewise_plan.roles}
+    assert params["student"] == pytest.approx(1.419e9, rel=1e-3)
+    assert params["teacher"] == pytest.approx(14.288e9, rel=1e-3)
+    assert params["critic"] - params["student"] == pytest.approx(36.2e6, rel=2e-2)  # two GAN taps and the head
+    assert params["encoder"] == pytest.approx(5.68e9 + 0.127e9, rel=1e-2)
+
+
+def test_model_states_add_the_ema_share_and_buckets_to_deepspeeds_estimate():
+    params, ranks = 1_419_000_000, 8
+    ours, estimate = capacity.trained_states_bytes(params, 2, ranks, bf16=True, ema=True)
+    assert estimate == 2 * params + 18 * params // ranks  # DeepSpeed's ZeRO-2 estimator, no offload
+    assert ours == pytest.approx(estimate + 4 * params / ranks + 2 * 4 * 200_000_000)
+    zero3, _ = capacity.trained_states_bytes(params, 3, ranks, bf16=True, ema=True)
+    assert zero3 < ours
+
+
+def test_the_rollout_prediction_is_within_20_percent_of_a_measured_true_width_rollout():
+    """Framewise, 6 latent frames of a 16x16 latent, grad on the last 4, 2 layers at width 1536, bf16:
+    what the rollout keeps for backward, measured as malloc's bytes in use, with and without checkpointing."""
+    from pipeline.models.causal_wan import CausalWanModel
+    from pipeline.models.wan_weights import WAN_CONFIGS, cast_like_from_pretrained
+    from pipeline.rollout import inference_schedule, rollout
+
+    def wan(checkpointing: bool) -> CausalWanModel:
+        torch.manual_seed(0)
+        model = cast_like_from_pretrained(CausalWanModel(**{**WAN_CONFIGS["wan2.1-t2v-1.3b"], "num_layers": 2}), torch.bfloat16)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        return model.train()
+
+    table = capacity.ActivationBytes.load().for_dtype("bfloat16")
+    frames, grad_blocks, text_tokens, grid = 6, 4, 64, 16
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 16, frames, grid, grid, generator=g).to(torch.bfloat16)
+    text = torch.randn(1, text_tokens, 4096, generator=g).to(torch.bfloat16)
+    steps = inference_schedule(frames, [1000.0], "uniform")
+    ratios = {}
+    for checkpointing in (False, True):
+        model = wan(checkpointing)
+        forward = lambda: rollout(model, noise, text, steps, 1, gradient_num_blocks=grad_blocks).x0  # noqa: E731
+        capacity.held_for_backward(forward)  # warm-up
+        measured = capacity.held_for_backward(forward)
+        shape = dict(layers=2, batch=1, frames=frames, frames_per_block=1, tokens_per_frame=(grid // 2) ** 2)
+        predicted = capacity.rollout_bytes(table, model.config, **shape, grad_blocks=grad_blocks, text_tokens=text_tokens,
+                                           checkpointing=checkpointing, dtype_bytes=2)
+        if checkpointing:  # the checkpoints reference the cache: it is held too
+            predicted += capacity.kv_cache_bytes(model.config, layers=2, batch=1, cached_frames=frames - 1,
+                                                 tokens_per_frame=(grid // 2) ** 2, dtype_bytes=2)
+        ratios[checkpointing] = predicted / measured
+    assert all(0.8 <= r <= 1.2 for r in ratios.values()), ratios
+
+
+def test_plan_prints_the_shipped_configs_and_exits_0(capsys):
+    for config in (FRAMEWISE, CHUNKWISE):
+        assert plan_job.main(["--config", config]) == 0
+        out = capsys.readouterr().out
+        for role in ("student", "teacher", "critic", "encoder", "generator"):
+            assert f"\n{role} " in out, (config, role)
+        assert "the step is bound by the" in out
+
+
+def test_the_shipped_framewise_config_fits_and_balances_on_cluster_yaml(framewise_plan):
+    """Every role fits its GPU; student, teacher and critic take within 25% of one another's time."""
+    assert all(r.fits for r in framewise_plan.roles) and framewise_plan.balanced, framewise_plan.spread
+    gpus = {r.role: r.gpu.name for r in framewise_plan.roles}
+    assert gpus == {"student": "L40S", "teacher": "L40S", "critic": "H100", "encoder": "H100", "generator": "L40S"}
+
+
+def test_a_config_that_cannot_fit_exits_2_naming_the_role(capsys):
+    assert plan_job.main(["--config", FRAMEWISE, "train.gradient_checkpointing=false"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors and all(line.startswith("error: ") for line in errors)
+    assert any(line.startswith("error: student: needs") and "L40S" in line for line in errors), errors
+    assert any(line.startswith("error: critic: needs") and "H100" in line for line in errors), errors
