@@ -327,96 +327,134 @@ def _role_gpu(resources: dict[str, float], gpus: dict[str, tuple[GPU, int]]) -> 
     return None
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every role's figures are computed from: the config's shapes, resolved once."""
+
+    cfg: Config
+    table: DtypeBytes
+    gpus: dict[str, tuple[GPU, int]]
+    student: dict
+    teacher: dict
+    critic: dict
+    dtype_bytes: int
+    tokens_per_frame: int
+    text_tokens: int = WAN_TEXT_TOKENS
+
+    @property
+    def clip_tokens(self) -> int:
+        return self.cfg.model.num_latent_frames // self.student["patch_size"][0] * self.tokens_per_frame
+
+    @property
+    def block_tokens(self) -> int:
+        return self.cfg.model.frames_per_block * self.tokens_per_frame
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.ray.num_workers
+
+    @property
+    def generator_share(self) -> float:  # generator steps per step
+        return 1 / self.cfg.method.gen_every
+
+
 def plan(cfg: Config, cluster: dict[str, Any], table: ActivationBytes | None = None) -> Plan:
-    from pipeline.models.causal_wan import CausalWanModel
-    from pipeline.models.discriminator import GANHeads
     from pipeline.models.wan_weights import WAN_CONFIGS
 
-    table = table or ActivationBytes.load()
-    m, method, r, t = cfg.model, cfg.method, cfg.ray, cfg.train
+    m, r = cfg.model, cfg.ray
     bf16 = m.dtype == "bfloat16"
-    dtype_bytes = 2 if bf16 else 4
-    bytes_table = table.for_dtype("bfloat16" if bf16 else "float32")
-    gpus = node_gpus(cluster)
-    student, teacher = WAN_CONFIGS[m.student_arch], WAN_CONFIGS[m.teacher_arch]
-    critic = WAN_CONFIGS[m.critic_arch]
-    text_tokens = WAN_TEXT_TOKENS
-    p_t, p_h, p_w = student["patch_size"]
-    tokens_per_frame = (m.latent_height // p_h) * (m.latent_width // p_w)
-    clip_tokens = m.num_latent_frames // p_t * tokens_per_frame
-    block_tokens = m.frames_per_block * tokens_per_frame
-    ckpt = t.gradient_checkpointing
-    batch, workers = t.batch_size, r.num_workers
-    global_batch = batch * workers
-    gen_share = 1 / method.gen_every  # generator steps per step
-
-    disc = method.discriminator
-    n_student = count_parameters(lambda: CausalWanModel(**student))
-    n_trunk = count_parameters(lambda: CausalWanModel(**critic))
-    n_heads = count_parameters(lambda: GANHeads(_width(critic), len(disc.feature_layers), disc.num_registers,
-                                                disc.num_heads, disc.ffn_dim, disc.hidden_dim, disc.timestep_conditioning))
-    n_critic, n_teacher = n_trunk + n_heads, count_parameters(lambda: CausalWanModel(**teacher))
-
-    def rollout(checkpointing: bool, grad_blocks: int) -> float:
-        return rollout_bytes(bytes_table, student, layers=student["num_layers"], batch=batch, frames=m.num_latent_frames,
-                             frames_per_block=m.frames_per_block, grad_blocks=grad_blocks, tokens_per_frame=tokens_per_frame,
-                             text_tokens=text_tokens, checkpointing=checkpointing, dtype_bytes=dtype_bytes)
-
-    def ode_init(checkpointing: bool) -> float:
-        return batch * _forward_held(bytes_table, student, student["num_layers"], clip_tokens, text_tokens, checkpointing)
-
-    grad_blocks = min(method.gradient_num_blocks, m.num_blocks)
-    kv = kv_cache_bytes(student, layers=student["num_layers"], batch=batch, cached_frames=m.num_latent_frames - m.frames_per_block,
-                        tokens_per_frame=tokens_per_frame, dtype_bytes=dtype_bytes)
-    states, ds_estimate = trained_states_bytes(n_student, t.zero_stage, workers, bf16, ema=True)
-    activations = max(rollout(ckpt, grad_blocks), ode_init(ckpt))
-    other = max(rollout(not ckpt, grad_blocks), ode_init(not ckpt))
-    student_flops = rollout_flops(student, student["num_layers"], m.num_blocks, block_tokens, text_tokens, grad_blocks, ckpt)
-    student_flops = global_batch * (gen_share * student_flops + rollout_flops(student, student["num_layers"], m.num_blocks,
-                                                                              block_tokens, text_tokens, 0, ckpt))
-    roles = [RolePlan("student", workers, _role_gpu(r.resources_per_worker, gpus), n_student, states, activations, other, kv,
-                      0.0, student_flops / 1e12, ds_estimate)]
-
-    teacher_forward = forward_flops(teacher, teacher["num_layers"], clip_tokens, clip_tokens, text_tokens)
-    teacher_flops = global_batch * gen_share * 2 * teacher_forward  # CFG: cond and uncond
-    teacher_transient = inference_transient(teacher, clip_tokens, 2, dtype_bytes)  # one sample's cond and uncond
-    teacher_role = RolePlan("teacher", max(r.teacher_actors, 1), _role_gpu(r.teacher_resources, gpus), n_teacher,
-                            dtype_bytes * n_teacher, 0.0, 0.0, 0.0, teacher_transient, teacher_flops / 1e12)
-
-    share = math.ceil(global_batch / (r.critic_actors if r.critic_placement == "actors" else workers))
-    critic_layers = critic["num_layers"]
-
-    def update(checkpointing: bool) -> float:
-        return critic_update_bytes(bytes_table, critic, layers=critic_layers, samples=share, tokens=clip_tokens,
-                                   text_tokens=text_tokens, feature_layers=list(disc.feature_layers), method=method,
-                                   checkpointing=checkpointing, dtype_bytes=dtype_bytes)
-
-    train_factor = 4 if ckpt else 3
-    critic_forward = forward_flops(critic, critic_layers, clip_tokens, clip_tokens, text_tokens)
-    critic_flops = global_batch * critic_forward * (train_factor * critic_forwards_with_grad(method) + gen_share * 4)
-    critic_ranks = r.critic_actors if r.critic_placement == "actors" else workers
-    c_states, c_estimate = trained_states_bytes(n_critic, t.zero_stage, critic_ranks, bf16, ema=False)
-    critic_role = RolePlan("critic", critic_ranks, _role_gpu(r.critic_resources if r.critic_placement == "actors"
-                                                             else r.resources_per_worker, gpus),
-                           n_critic, c_states, update(ckpt), update(not ckpt), 0.0, 0.0, critic_flops / 1e12, c_estimate)
-
-    if r.teacher_actors == 0:
-        _merge(roles[0], teacher_role, "the teacher runs inside each Train worker (ray.teacher_actors: 0)")
-    else:
-        roles.append(teacher_role)
-    if r.critic_placement == "trainer":
-        _merge(roles[0], critic_role, "the critic runs inside each Train worker (ray.critic_placement: trainer)")
-    else:
-        roles.append(critic_role)
-    roles += _inference_roles(cfg, gpus, n_student, student, bytes_table, tokens_per_frame, text_tokens, dtype_bytes)
-
+    student = WAN_CONFIGS[m.student_arch]
+    _, p_h, p_w = student["patch_size"]
+    run = _Run(cfg, (table or ActivationBytes.load()).for_dtype(m.dtype), node_gpus(cluster), student,
+               WAN_CONFIGS[m.teacher_arch], WAN_CONFIGS[m.critic_arch], 2 if bf16 else 4,
+               (m.latent_height // p_h) * (m.latent_width // p_w))
+    roles = [_student_role(run)]
+    for role, inside, note in ((_teacher_role(run), r.teacher_actors == 0, "the teacher runs inside each Train worker "
+                                "(ray.teacher_actors: 0)"),
+                               (_critic_role(run), r.critic_placement == "trainer", "the critic runs inside each Train "
+                                "worker (ray.critic_placement: trainer)")):
+        if inside:
+            _merge(roles[0], role, note)
+        else:
+            roles.append(role)
+    roles += _inference_roles(run)
     timed = {role.role: role.seconds_per_step for role in roles if role.role in ("student", "teacher", "critic")}
-    bound = max(timed, key=timed.get)
     student_time = timed["student"]
     matching = {role: max(1, round(count * timed[role] / student_time)) if student_time else count
                 for role, count in (("teacher", r.teacher_actors), ("critic", r.critic_actors)) if role in timed}
     spread = max(timed.values()) / min(timed.values()) if min(timed.values()) > 0 else 1.0
-    return Plan(cfg.name, ckpt, roles, bound, matching, spread)
+    return Plan(cfg.name, cfg.train.gradient_checkpointing, roles, max(timed, key=timed.get), matching, spread)
+
+
+def _student_role(run: _Run) -> RolePlan:
+    """The Train workers: model states under ZeRO with the EMA, the larger of a rollout's and ODE init's
+    activations, the KV cache; a critic step's rollout every step, a generator step's every gen_every."""
+    from pipeline.models.causal_wan import CausalWanModel
+
+    m, t, method, arch = run.cfg.model, run.cfg.train, run.cfg.method, run.student
+    layers, grad_blocks = arch["num_layers"], min(method.gradient_num_blocks, m.num_blocks)
+
+    def activations(checkpointing: bool) -> float:
+        rollout = rollout_bytes(run.table, arch, layers=layers, batch=t.batch_size, frames=m.num_latent_frames,
+                                frames_per_block=m.frames_per_block, grad_blocks=grad_blocks,
+                                tokens_per_frame=run.tokens_per_frame, text_tokens=run.text_tokens,
+                                checkpointing=checkpointing, dtype_bytes=run.dtype_bytes)
+        ode_init = t.batch_size * _forward_held(run.table, arch, layers, run.clip_tokens, run.text_tokens, checkpointing)
+        return max(rollout, ode_init)
+
+    params = count_parameters(lambda: CausalWanModel(**arch))
+    states, estimate = trained_states_bytes(params, t.zero_stage, run.cfg.ray.num_workers, m.dtype == "bfloat16", ema=True)
+    kv = kv_cache_bytes(arch, layers=layers, batch=t.batch_size, cached_frames=m.num_latent_frames - m.frames_per_block,
+                        tokens_per_frame=run.tokens_per_frame, dtype_bytes=run.dtype_bytes)
+    ckpt = t.gradient_checkpointing
+    generator = rollout_flops(arch, layers, m.num_blocks, run.block_tokens, run.text_tokens, grad_blocks, ckpt)
+    critic_step = rollout_flops(arch, layers, m.num_blocks, run.block_tokens, run.text_tokens, 0, ckpt)
+    flops = run.global_batch * (run.generator_share * generator + critic_step)
+    gpu = _role_gpu(run.cfg.ray.resources_per_worker, run.gpus)
+    return RolePlan("student", run.cfg.ray.num_workers, gpu, params, states, activations(ckpt), activations(not ckpt), kv,
+                    0.0, flops / 1e12, estimate)
+
+
+def _teacher_role(run: _Run) -> RolePlan:
+    """Frozen weights in `model.dtype`; one sample's cond and uncond per forward, on generator steps."""
+    from pipeline.models.causal_wan import CausalWanModel
+
+    arch, r = run.teacher, run.cfg.ray
+    params = count_parameters(lambda: CausalWanModel(**arch))
+    forward = forward_flops(arch, arch["num_layers"], run.clip_tokens, run.clip_tokens, run.text_tokens)
+    flops = run.global_batch * run.generator_share * 2 * forward
+    transient = inference_transient(arch, run.clip_tokens, 2, run.dtype_bytes)
+    return RolePlan("teacher", max(r.teacher_actors, 1), _role_gpu(r.teacher_resources, run.gpus), params,
+                    run.dtype_bytes * params, 0.0, 0.0, 0.0, transient, flops / 1e12)
+
+
+def _critic_role(run: _Run) -> RolePlan:
+    """Trunk and GAN heads under ZeRO over their ranks (the actor group, or the Train workers); an update
+    on its share of the batch every step, the generator's feedback on generator steps."""
+    from pipeline.models.causal_wan import CausalWanModel
+    from pipeline.models.discriminator import GANHeads
+
+    arch, r, method, t = run.critic, run.cfg.ray, run.cfg.method, run.cfg.train
+    disc = method.discriminator
+    heads = lambda: GANHeads(_width(arch), len(disc.feature_layers), disc.num_registers, disc.num_heads,  # noqa: E731
+                             disc.ffn_dim, disc.hidden_dim, disc.timestep_conditioning)
+    params = count_parameters(lambda: CausalWanModel(**arch)) + count_parameters(heads)
+    on_actors = r.critic_placement == "actors"
+    ranks = r.critic_actors if on_actors else r.num_workers
+    share = math.ceil(run.global_batch / ranks)
+
+    def update(checkpointing: bool) -> float:
+        return critic_update_bytes(run.table, arch, layers=arch["num_layers"], samples=share, tokens=run.clip_tokens,
+                                   text_tokens=run.text_tokens, feature_layers=list(disc.feature_layers), method=method,
+                                   checkpointing=checkpointing, dtype_bytes=run.dtype_bytes)
+
+    train = 4 if t.gradient_checkpointing else 3
+    forward = forward_flops(arch, arch["num_layers"], run.clip_tokens, run.clip_tokens, run.text_tokens)
+    flops = run.global_batch * forward * (train * critic_forwards_with_grad(method) + run.generator_share * 4)
+    states, estimate = trained_states_bytes(params, t.zero_stage, ranks, run.cfg.model.dtype == "bfloat16", ema=False)
+    gpu = _role_gpu(r.critic_resources if on_actors else r.resources_per_worker, run.gpus)
+    return RolePlan("critic", ranks, gpu, params, states, update(t.gradient_checkpointing),
+                    update(not t.gradient_checkpointing), 0.0, 0.0, flops / 1e12, estimate)
 
 
 def _merge(into: RolePlan, other: RolePlan, note: str) -> None:
@@ -429,28 +467,31 @@ def _merge(into: RolePlan, other: RolePlan, note: str) -> None:
     into.notes.append(note)
 
 
-def _inference_roles(cfg: Config, gpus, n_student: int, student: dict, table: DtypeBytes, tokens_per_frame: int,
-                     text_tokens: int, dtype_bytes: int) -> list[RolePlan]:
+def _inference_roles(run: _Run) -> list[RolePlan]:
     """The encoder actors (umT5-XXL and the VAE, preprocessing) and the generator (the one-step student,
     its text encoder and VAE, a clip's KV cache)."""
     from diffusers import AutoencoderKLWan
     from transformers import UMT5Config, UMT5EncoderModel
 
+    from pipeline.models.causal_wan import CausalWanModel
+
+    cfg, student = run.cfg, run.student
     wan = cfg.model.student_arch.startswith("wan")
     encoder_params = count_parameters(lambda: UMT5EncoderModel(UMT5Config(
         vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
     ))) if wan else 0
     vae_params = count_parameters(lambda: AutoencoderKLWan()) if wan else 0
+    n_student = count_parameters(lambda: CausalWanModel(**student))
     frames = cfg.generate.num_latent_frames or cfg.model.num_latent_frames
     cached = min(frames, cfg.generate.cache_window or frames) - cfg.model.frames_per_block
     kv = kv_cache_bytes(student, layers=student["num_layers"], batch=1, cached_frames=max(cached, 0),
-                        tokens_per_frame=tokens_per_frame, dtype_bytes=dtype_bytes)
-    block = inference_transient(student, cfg.model.frames_per_block * tokens_per_frame, 1, dtype_bytes)
+                        tokens_per_frame=run.tokens_per_frame, dtype_bytes=run.dtype_bytes)
+    block = inference_transient(student, run.block_tokens, 1, run.dtype_bytes)
     r, g = cfg.ray, cfg.generate
     return [
-        RolePlan("encoder", r.encoder_actors, _role_gpu(r.encoder_resources, gpus), encoder_params + vae_params,
+        RolePlan("encoder", r.encoder_actors, _role_gpu(r.encoder_resources, run.gpus), encoder_params + vae_params,
                  2 * (encoder_params + vae_params), 0.0, 0.0, 0.0, 0.0, 0.0, notes=["VAE encode activations not modelled"]),
-        RolePlan("generator", g.actors, _role_gpu(g.resources, gpus), n_student + encoder_params + vae_params,
+        RolePlan("generator", g.actors, _role_gpu(g.resources, run.gpus), n_student + encoder_params + vae_params,
                  2 * (n_student + encoder_params + vae_params), 0.0, 0.0, kv, block, 0.0,
                  notes=["VAE decode activations not modelled"]),
     ]
