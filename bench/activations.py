@@ -28,23 +28,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.capacity import ACTIVATION_FILE, ActivationBytes, held_for_backward  # noqa: E402
-from pipeline.models.causal_wan import CausalWanModel  # noqa: E402
+from pipeline.capacity import ACTIVATION_FILE, MEASURED_ARCH, ActivationBytes, held_for_backward  # noqa: E402
+from pipeline.capacity import measurement_model as wan  # noqa: E402
 from pipeline.models.discriminator import build_gan_heads  # noqa: E402
-from pipeline.models.wan_weights import WAN_CONFIGS, cast_like_from_pretrained  # noqa: E402
+from pipeline.models.wan_weights import cast_like_from_pretrained  # noqa: E402
 
-ARCH = "wan2.1-t2v-1.3b"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 GRID = 16  # latent 16 x 16 -> 64 tokens per frame
 VIDEO_FRAMES, TEXT_TOKENS = (4, 8), (32, 96)
-
-
-def wan(layers: int, dtype: torch.dtype, checkpointing: bool, seed: int = 0) -> CausalWanModel:
-    torch.manual_seed(seed)
-    model = cast_like_from_pretrained(CausalWanModel(**{**WAN_CONFIGS[ARCH], "num_layers": layers}), dtype)
-    if checkpointing:
-        model.enable_gradient_checkpointing()
-    return model.train()
 
 
 def block_bytes(dtype: torch.dtype, checkpointing: bool) -> dict[str, float]:
@@ -98,7 +89,7 @@ def measure(out: Path) -> None:
     result: dict = {
         "command": "python bench/activations.py --measure",
         "measured": datetime.date.today().isoformat(),
-        "architecture": ARCH,
+        "architecture": MEASURED_ARCH,
         "grid": f"latent {GRID}x{GRID}, video frames {list(VIDEO_FRAMES)}, text tokens {list(TEXT_TOKENS)}",
         "bytes": {},
     }

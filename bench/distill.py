@@ -181,11 +181,9 @@ def write_dataset(out: str, rows: int, true_width: bool) -> None:
 
 def write_true_width_model(out: str) -> str:
     """A random-init Wan 1.3B-width DiT of TRUE_WIDTH_LAYERS layers, as a diffusers folder."""
-    from pipeline.models.causal_wan import CausalWanModel
-    from pipeline.models.wan_weights import WAN_CONFIGS
+    from pipeline.capacity import measurement_model
 
-    torch.manual_seed(0)
-    CausalWanModel(**{**WAN_CONFIGS["wan2.1-t2v-1.3b"], "num_layers": TRUE_WIDTH_LAYERS}).save_pretrained(out)
+    measurement_model(TRUE_WIDTH_LAYERS, torch.float32, checkpointing=False).save_pretrained(out)
     return out
 
 

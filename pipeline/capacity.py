@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ from pipeline.config import Config, MethodConfig
 
 ACTIVATION_FILE = Path(__file__).parent / "assets" / "activation_bytes.json"
 CLUSTER_FILE = Path(__file__).resolve().parents[1] / "cluster.yaml"  # the repository's launcher file
-MEASURED_WIDTH = 1536  # the 1.3B's width, where the activation bytes were measured
+MEASURED_ARCH = "wan2.1-t2v-1.3b"  # where the activation bytes were measured
+MEASURED_WIDTH = 1536  # its width
 WAN_TEXT_TOKENS = 512  # Wan pads every prompt's embedding to 512 tokens
 MFU = 0.35
 USABLE = 0.9  # of a GPU's memory
@@ -112,6 +114,19 @@ class ActivationBytes:
 
     def for_dtype(self, name: str) -> DtypeBytes:
         return self.by_dtype[name]
+
+
+def measurement_model(layers: int, dtype: torch.dtype, checkpointing: bool, seed: int = 0):
+    """A random-init causal Wan at the measured architecture's true width with `layers` layers, cast as a
+    loaded model is, in training mode: what the activation bytes are measured and checked on."""
+    from pipeline.models.causal_wan import CausalWanModel
+    from pipeline.models.wan_weights import WAN_CONFIGS, cast_like_from_pretrained
+
+    torch.manual_seed(seed)
+    model = cast_like_from_pretrained(CausalWanModel(**{**WAN_CONFIGS[MEASURED_ARCH], "num_layers": layers}), dtype)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    return model.train()
 
 
 def held_for_backward(forward) -> int:
@@ -357,6 +372,12 @@ class _Run:
     def generator_share(self) -> float:  # generator steps per step
         return 1 / self.cfg.method.gen_every
 
+    @cached_property
+    def student_params(self) -> int:  # the student's role and the generator's both hold it
+        from pipeline.models.causal_wan import CausalWanModel
+
+        return count_parameters(lambda: CausalWanModel(**self.student))
+
 
 def plan(cfg: Config, cluster: dict[str, Any], table: ActivationBytes | None = None) -> Plan:
     from pipeline.models.wan_weights import WAN_CONFIGS
@@ -389,8 +410,6 @@ def plan(cfg: Config, cluster: dict[str, Any], table: ActivationBytes | None = N
 def _student_role(run: _Run) -> RolePlan:
     """The Train workers: model states under ZeRO with the EMA, the larger of a rollout's and ODE init's
     activations, the KV cache; a critic step's rollout every step, a generator step's every gen_every."""
-    from pipeline.models.causal_wan import CausalWanModel
-
     m, t, method, arch = run.cfg.model, run.cfg.train, run.cfg.method, run.student
     layers, grad_blocks = arch["num_layers"], min(method.gradient_num_blocks, m.num_blocks)
 
@@ -402,7 +421,7 @@ def _student_role(run: _Run) -> RolePlan:
         ode_init = t.batch_size * _forward_held(run.table, arch, layers, run.clip_tokens, run.text_tokens, checkpointing)
         return max(rollout, ode_init)
 
-    params = count_parameters(lambda: CausalWanModel(**arch))
+    params = run.student_params
     states, estimate = trained_states_bytes(params, t.zero_stage, run.cfg.ray.num_workers, m.dtype == "bfloat16", ema=True)
     kv = kv_cache_bytes(arch, layers=layers, batch=t.batch_size, cached_frames=m.num_latent_frames - m.frames_per_block,
                         tokens_per_frame=run.tokens_per_frame, dtype_bytes=run.dtype_bytes)
@@ -473,15 +492,13 @@ def _inference_roles(run: _Run) -> list[RolePlan]:
     from diffusers import AutoencoderKLWan
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from pipeline.models.causal_wan import CausalWanModel
-
     cfg, student = run.cfg, run.student
     wan = cfg.model.student_arch.startswith("wan")
     encoder_params = count_parameters(lambda: UMT5EncoderModel(UMT5Config(
         vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
     ))) if wan else 0
     vae_params = count_parameters(lambda: AutoencoderKLWan()) if wan else 0
-    n_student = count_parameters(lambda: CausalWanModel(**student))
+    n_student = run.student_params
     frames = cfg.generate.num_latent_frames or cfg.model.num_latent_frames
     cached = min(frames, cfg.generate.cache_window or frames) - cfg.model.frames_per_block
     kv = kv_cache_bytes(student, layers=student["num_layers"], batch=1, cached_frames=max(cached, 0),

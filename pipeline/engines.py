@@ -83,7 +83,6 @@ class DeepSpeedOptimised:
         self.module = self.engine.module
         if cfg.model.dtype == "bfloat16":  # DeepSpeed's bf16 mode casts the whole module
             self.module.compute_dtype = torch.bfloat16
-        self.zero_stage = t.zero_stage
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -44,16 +44,7 @@ def test_model_states_add_the_ema_share_and_buckets_to_deepspeeds_estimate():
 def test_the_rollout_prediction_is_within_20_percent_of_a_measured_true_width_rollout():
     """Framewise, 6 latent frames of a 16x16 latent, grad on the last 4, 2 layers at width 1536, bf16:
     what the rollout keeps for backward, measured as malloc's bytes in use, with and without checkpointing."""
-    from pipeline.models.causal_wan import CausalWanModel
-    from pipeline.models.wan_weights import WAN_CONFIGS, cast_like_from_pretrained
     from pipeline.rollout import inference_schedule, rollout
-
-    def wan(checkpointing: bool) -> CausalWanModel:
-        torch.manual_seed(0)
-        model = cast_like_from_pretrained(CausalWanModel(**{**WAN_CONFIGS["wan2.1-t2v-1.3b"], "num_layers": 2}), torch.bfloat16)
-        if checkpointing:
-            model.enable_gradient_checkpointing()
-        return model.train()
 
     table = capacity.ActivationBytes.load().for_dtype("bfloat16")
     frames, grad_blocks, text_tokens, grid = 6, 4, 64, 16
@@ -63,7 +54,7 @@ def test_the_rollout_prediction_is_within_20_percent_of_a_measured_true_width_ro
     steps = inference_schedule(frames, [1000.0], "uniform")
     ratios = {}
     for checkpointing in (False, True):
-        model = wan(checkpointing)
+        model = capacity.measurement_model(2, torch.bfloat16, checkpointing)
         forward = lambda: rollout(model, noise, text, steps, 1, gradient_num_blocks=grad_blocks).x0  # noqa: E731
         capacity.held_for_backward(forward)  # warm-up
         measured = capacity.held_for_backward(forward)

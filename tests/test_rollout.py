@@ -259,12 +259,9 @@ def test_a_checkpointed_rollout_retains_memory_linear_in_its_frames():
     Each block's K/V are stored once and a checkpointed forward keeps references to them, so doubling
     the frames doubles what is held: 8 -> 16 blocks adds twice what 4 -> 8 did. A cache that copies
     itself on every write, captured by every checkpoint, adds ~4x (the sum of past frames)."""
-    from pipeline.models.causal_wan import CausalWanModel
-    from pipeline.models.wan_weights import WAN_CONFIGS, cast_like_from_pretrained
+    from pipeline.capacity import measurement_model
 
-    torch.manual_seed(0)
-    model = cast_like_from_pretrained(CausalWanModel(**{**WAN_CONFIGS["wan2.1-t2v-1.3b"], "num_layers": 2}), torch.bfloat16)
-    model.enable_gradient_checkpointing()
+    model = measurement_model(2, torch.bfloat16, checkpointing=True)
     _retained_by_a_grad_rollout(model, 2)  # warm-up: lazily built tables and allocator pools
     held = {blocks: _retained_by_a_grad_rollout(model, blocks) for blocks in (4, 8, 16)}
     growth = (held[16] - held[8]) / (held[8] - held[4])

@@ -111,7 +111,6 @@ class GANHeads(ModelMixin, ConfigMixin):
         registers = [self._run_tap(tap, f, condition).flatten(1) for tap, f in zip(self.taps, features)]
         return self.head(torch.cat(registers, dim=1)).squeeze(1)
 
-
     def _run_tap(self, tap: RegisterTap, tokens: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(tap, tokens, condition)
