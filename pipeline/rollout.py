@@ -72,6 +72,68 @@ def draw_exit_steps(
     return draws * num_blocks if same_across_blocks else draws
 
 
+class BlockRollout:
+    """One rollout's state between blocks: the KV cache and the last block, whose context is written into
+    the cache when the next block starts (inside that block's first call when `fused`). `iter_blocks`
+    drives it over a fixed clip; a live stream drives it block by block for as long as it runs, with a
+    prompt that may change between blocks (`text`): a block's context is written with the text it was
+    generated under, so the cache keeps the past as it was (fused only while the text stays the same)."""
+
+    def __init__(
+        self, student: CausalStudent, batch: int, device: torch.device, *, context_noise: float = 0.0,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None, cache_window: int | None = None,
+        sink_frames: int = 0, fused: bool = False,
+    ) -> None:
+        self.student, self.generator, self.fused, self.context_noise = student, generator, fused, context_noise
+        self.cache = student.new_kv_cache(cache_window, sink_frames)
+        self.context_t = torch.full((batch,), float(context_noise), device=device)
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (x0, text) of the previous block
+        self.cache_text: torch.Tensor | None = None  # whose cross-attention K/V the cache holds (no-grad calls keep them)
+
+    def _text(self, text: torch.Tensor) -> torch.Tensor:
+        """`text`, with the cache's text K/V dropped when they were another text's."""
+        if self.cache_text is not None and self.cache_text is not text:
+            self.cache.text_kv = [None] * len(self.cache.text_kv)
+        self.cache_text = text
+        return text
+
+    def next_block(
+        self, x_t: torch.Tensor, text: torch.Tensor, steps: Sequence[float], exit_index: int | None = None, with_grad: bool = False,
+    ) -> torch.Tensor:
+        """The clean x0 (B, C, frames, H, W) of the block that starts from noise `x_t`."""
+        student, cache, context_t = self.student, self.cache, self.context_t
+        pending = None  # the previous block's context, not yet in the cache
+        if self.last is not None:
+            previous, previous_text = self.last
+            context = _context(previous.detach(), self.context_noise, context_t, self.generator)  # its noise is drawn here either way
+            if self.fused and previous_text is text:
+                pending = context
+            else:
+                _write_cache(student, cache, context, context_t, self._text(previous_text))
+        text = self._text(text)
+        exit_index = len(steps) - 1 if exit_index is None else exit_index
+        batch = x_t.shape[0]
+        for i, t in enumerate(steps[: exit_index + 1]):
+            is_exit = i == exit_index
+            t_batch = torch.full((batch,), float(t), device=x_t.device)
+            if pending is not None and is_exit and with_grad:
+                _write_cache(student, cache, pending, context_t, text)
+                pending = None
+            grad_context = contextlib.nullcontext() if (is_exit and with_grad) else torch.no_grad()
+            with grad_context:
+                if pending is not None:
+                    v = _fused_step(student, cache, pending, context_t, x_t, t_batch, text)
+                    pending = None
+                else:
+                    v = student(x_t, t_batch, text, kv_cache=cache).sample
+                x0 = x0_from_velocity(x_t, v, t_batch)
+            if not is_exit:
+                fresh = fresh_noise(x0, self.generator)
+                x_t = add_noise(x0, fresh, steps[i + 1])
+        self.last = (x0, text)
+        return x0
+
+
 def iter_blocks(
     student: CausalStudent,
     noise: torch.Tensor,
@@ -99,38 +161,12 @@ def iter_blocks(
     num_blocks = len(steps_per_block)
     if noise.shape[2] != num_blocks * frames_per_block:
         raise ValueError(f"noise has {noise.shape[2]} frames, expected {num_blocks} blocks x {frames_per_block}")
-    batch = noise.shape[0]
-    cache = student.new_kv_cache(cache_window, sink_frames)
-    context_t = torch.full((batch,), float(context_noise), device=noise.device)
-    pending = None  # the previous block's context, not yet in the cache (fused: waits for the next call)
+    state = BlockRollout(student, noise.shape[0], noise.device, context_noise=context_noise, generator=generator,
+                         cache_window=cache_window, sink_frames=sink_frames, fused=fused)
     for block, steps in enumerate(steps_per_block):
-        exit_index = len(steps) - 1 if exit_steps is None else exit_steps[block]
-        with_grad = block >= num_blocks - gradient_num_blocks
         x_t = noise[:, :, block * frames_per_block : (block + 1) * frames_per_block]
-        for i, t in enumerate(steps[: exit_index + 1]):
-            is_exit = i == exit_index
-            t_batch = torch.full((batch,), float(t), device=noise.device)
-            if pending is not None and is_exit and with_grad:
-                _write_cache(student, cache, pending, context_t, text)
-                pending = None
-            grad_context = contextlib.nullcontext() if (is_exit and with_grad) else torch.no_grad()
-            with grad_context:
-                if pending is not None:
-                    v = _fused_step(student, cache, pending, context_t, x_t, t_batch, text)
-                    pending = None
-                else:
-                    v = student(x_t, t_batch, text, kv_cache=cache).sample
-                x0 = x0_from_velocity(x_t, v, t_batch)
-            if not is_exit:
-                fresh = fresh_noise(x0, generator)
-                x_t = add_noise(x0, fresh, steps[i + 1])
-        yield x0
-        if block + 1 < num_blocks:
-            context = _context(x0.detach(), context_noise, context_t, generator)  # its noise is drawn here either way
-            if fused:
-                pending = context
-            else:
-                _write_cache(student, cache, context, context_t, text)
+        yield state.next_block(x_t, text, steps, None if exit_steps is None else exit_steps[block],
+                               with_grad=block >= num_blocks - gradient_num_blocks)
 
 
 def fresh_noise(like: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:

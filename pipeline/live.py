@@ -1,0 +1,76 @@
+"""Open-ended streams from a causal student: one block at a time for as long as the caller asks, the
+prompt switchable between blocks, each block decoded alone. What a streaming server holds per stream.
+
+    stream = LiveStream(ClipGenerator.load("runs/toy_distill/export"), "a red square moving left", seed=0)
+    first = stream.next_frames()          # the first block's frames, (n, H, W, 3) in [0, 1]
+    stream.switch_prompt("a blue circle moving up")
+    later = stream.next_frames()          # generated under the new prompt; the cache keeps the past
+
+The first `settings.num_blocks` blocks start from the noise `ClipGenerator.generate` uses for the same
+prompt and seed, so a stream that never switches shows that clip; later blocks start from noise drawn
+per block from the same seed. Past the clip's length, memory stays flat only with a cache window
+(`generate.cache_window`, with `generate.sink_frames` of the first frames kept as an attention sink):
+without one, the KV cache grows with every block, so `LiveStream` refuses to run past the clip
+without it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.data import noise_seed, prompt_id
+from pipeline.generation import ClipGenerator
+from pipeline.models.codec import video_to_clips
+from pipeline.rollout import BlockRollout, inference_schedule
+
+
+class LiveStream:
+    """One stream's state: the rollout (KV cache), the codec's streaming decoder, the prompt's text and
+    the count of blocks made."""
+
+    def __init__(self, generator: ClipGenerator, prompt: str, seed: int, max_blocks: int | None = None) -> None:
+        s = generator.settings
+        limit = s.num_blocks if max_blocks is None else max_blocks
+        if limit > s.num_blocks and not s.cache_window:
+            raise ValueError(f"a stream of {limit} blocks is longer than the clip ({s.num_blocks} blocks): set generate.cache_window")
+        self.generator, self.seed, self.max_blocks = generator, seed, limit
+        self.stream_id = noise_seed(prompt_id(prompt, seed))  # the first prompt and the seed fix every block's noise
+        self.clip_noise = generator.noise(prompt, seed)
+        self.steps = inference_schedule(s.num_blocks, s.steps, s.schedule)
+        renoise = torch.Generator(device=generator.device).manual_seed(self.stream_id ^ 1)
+        self.rollout = BlockRollout(generator.student, 1, generator.device, context_noise=s.context_noise, generator=renoise,
+                                    cache_window=s.cache_window, sink_frames=s.sink_frames, fused=s.fused)
+        self.decoder = generator.codec.stream_decoder()
+        self.blocks = 0
+        self.switch_prompt(prompt)
+
+    @property
+    def done(self) -> bool:
+        return self.blocks >= self.max_blocks
+
+    def switch_prompt(self, prompt: str) -> None:
+        """The next block on is generated under `prompt`."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"a prompt must be non-empty text, got {prompt!r}")
+        self.prompt = prompt
+        self.text = self.generator.text_encoder.encode([prompt]).to(self.generator.device)
+
+    def _block_noise(self, block: int) -> torch.Tensor:
+        s = self.generator.settings
+        if block < s.num_blocks:
+            return self.clip_noise[:, :, block * s.frames_per_block : (block + 1) * s.frames_per_block]
+        shape = (1, self.clip_noise.shape[1], s.frames_per_block, s.latent_height, s.latent_width)
+        g = torch.Generator().manual_seed((self.stream_id + block) % 2**63)
+        return torch.randn(shape, generator=g).to(self.generator.device)
+
+    @torch.no_grad()
+    def next_frames(self) -> np.ndarray:
+        """The next block's frames (n, H, W, 3) in [0, 1]."""
+        if self.done:
+            raise RuntimeError(f"the stream has made its {self.max_blocks} blocks")
+        block = self.blocks
+        steps = self.steps[min(block, len(self.steps) - 1)]  # past the clip: the schedule's later blocks
+        x0 = self.rollout.next_block(self._block_noise(block), self.text, steps)
+        self.blocks += 1
+        return video_to_clips(self.decoder.decode(x0.float()))[0]
