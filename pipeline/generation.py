@@ -150,10 +150,15 @@ class ClipGenerator:
         shape = (1, self.student.config.in_channels, s.num_latent_frames, s.latent_height, s.latent_width)
         return clip_noise(shape, prompt, seed).to(self.device)
 
-    def _inputs(self, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[list[float]], torch.Generator]:
+    def encode(self, prompt: str) -> torch.Tensor:
+        """The prompt's text embedding on the student's device (the student casts it to its compute dtype)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"a prompt must be non-empty text, got {prompt!r}")
-        text = self.text_encoder.encode([prompt]).to(self.device)  # the student casts to its compute dtype
+        return self.text_encoder.encode([prompt]).to(self.device)
+
+    def clip_inputs(self, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[list[float]], torch.Generator]:
+        """A clip's starting noise, text embedding, each block's step list and re-noising generator."""
+        text = self.encode(prompt)
         steps = inference_schedule(self.settings.num_blocks, self.settings.steps, self.settings.schedule)
         renoise = torch.Generator(device=self.device).manual_seed(noise_seed(prompt_id(prompt, seed)) ^ 1)
         return self.noise(prompt, seed), text, steps, renoise
@@ -167,7 +172,7 @@ class ClipGenerator:
         codec's streaming decoder (its causal caches carry the clip): the frames equal `generate`'s, and
         the decode per block does not grow with the clip. Long clips: `settings.cache_window` and
         `settings.sink_frames`."""
-        noise, text, steps, renoise = self._inputs(prompt, seed)
+        noise, text, steps, renoise = self.clip_inputs(prompt, seed)
         s = self.settings
         decoder = self.codec.stream_decoder()
         for block in iter_blocks(self.student, noise, text, steps, s.frames_per_block, generator=renoise, **s.rollout_options()):
@@ -176,7 +181,7 @@ class ClipGenerator:
     @torch.no_grad()
     def generate(self, prompt: str, seed: int) -> np.ndarray:
         """The whole clip (T, H, W, 3) in [0, 1]: the rollout of all blocks, then one decode."""
-        noise, text, steps, renoise = self._inputs(prompt, seed)
+        noise, text, steps, renoise = self.clip_inputs(prompt, seed)
         s = self.settings
         out = rollout(self.student, noise, text, steps, s.frames_per_block, generator=renoise, **s.rollout_options())
         return self._decode(out.x0)

@@ -22,7 +22,7 @@ import torch
 from pipeline.data import noise_seed, prompt_id
 from pipeline.generation import ClipGenerator
 from pipeline.models.codec import video_to_clips
-from pipeline.rollout import BlockRollout, inference_schedule
+from pipeline.rollout import BlockRollout
 
 
 class LiveStream:
@@ -34,16 +34,13 @@ class LiveStream:
         limit = s.num_blocks if max_blocks is None else max_blocks
         if limit > s.num_blocks and not s.cache_window:
             raise ValueError(f"a stream of {limit} blocks is longer than the clip ({s.num_blocks} blocks): set generate.cache_window")
-        self.generator, self.seed, self.max_blocks = generator, seed, limit
+        self.generator, self.max_blocks, self.prompt = generator, limit, prompt
+        self.clip_noise, self.text, self.steps, renoise = generator.clip_inputs(prompt, seed)
         self.stream_id = noise_seed(prompt_id(prompt, seed))  # the first prompt and the seed fix every block's noise
-        self.clip_noise = generator.noise(prompt, seed)
-        self.steps = inference_schedule(s.num_blocks, s.steps, s.schedule)
-        renoise = torch.Generator(device=generator.device).manual_seed(self.stream_id ^ 1)
         self.rollout = BlockRollout(generator.student, 1, generator.device, context_noise=s.context_noise, generator=renoise,
                                     cache_window=s.cache_window, sink_frames=s.sink_frames, fused=s.fused)
         self.decoder = generator.codec.stream_decoder()
         self.blocks = 0
-        self.switch_prompt(prompt)
 
     @property
     def done(self) -> bool:
@@ -51,10 +48,7 @@ class LiveStream:
 
     def switch_prompt(self, prompt: str) -> None:
         """The next block on is generated under `prompt`."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"a prompt must be non-empty text, got {prompt!r}")
-        self.prompt = prompt
-        self.text = self.generator.text_encoder.encode([prompt]).to(self.generator.device)
+        self.text, self.prompt = self.generator.encode(prompt), prompt
 
     def _block_noise(self, block: int) -> torch.Tensor:
         s = self.generator.settings

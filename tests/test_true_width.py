@@ -74,7 +74,7 @@ def shipped(name: str, releases: dict[str, str], ray_address: str, tmp: Path, *e
         # where the weights and data are
         f"model.teacher_path={releases['teacher']}", f"model.student_init_path={repo}", f"model.critic_path={repo}",
         f"model.text_encoder_path={repo}", f"model.codec={repo}", f"data.prompts={releases['prompts']}",
-        f"data.output={BUCKET}/data", f"train.storage_path={BUCKET}/runs",
+        f"data.output={BUCKET}/data", f"train.storage_path={tmp / 'runs'}",
         # depth, clip, batch and steps
         "model.num_latent_frames=6", "model.latent_height=4", "model.latent_width=4", "method.gradient_num_blocks=2",
         "method.discriminator.feature_layers=[0]", "data.teacher_steps=3", "train.steps=1", "train.checkpoint_every=1",
@@ -118,13 +118,12 @@ def test_the_shipped_configs_at_true_width_in_bf16_on_s3(ray_local, ray_cluster,
     assert len(data.written_ids(framewise.data.output)) == 2
 
     # Each Train run's directory on local disk, its export on S3, where the next stage reads it.
-    ode = shipped("wan_1_3b_framewise", releases, ray_cluster[0], tmp_path, f"train.storage_path={tmp_path / 'runs'}",
-                  f"train.export_path={BUCKET}/ode_init_export", "tracking.sample_every=0")  # the distillation logs samples
+    ode = shipped("wan_1_3b_framewise", releases, ray_cluster[0], tmp_path, f"train.export_path={BUCKET}/ode_init_export", "tracking.sample_every=0")  # the distillation logs samples
     ode_init.main(ode, argparse.Namespace(export=False))
     export = trainer.export_path(ode, "ode_init")
     assert export.startswith("s3://")
     dist = shipped("wan_1_3b_framewise", releases, ray_cluster[0], tmp_path, f"model.student_path={export}/transformer",
-                   f"train.storage_path={tmp_path / 'runs'}", f"train.export_path={BUCKET}/distill_export")
+                   f"train.export_path={BUCKET}/distill_export")
     distill_job.main(dist, argparse.Namespace(export=False))
     assert trainer.export_path(dist, "distill").startswith("s3://")
     clip = read_video(str(generate(dist, trainer.export_path(dist, "distill"), f"{BUCKET}/videos/framewise", tmp_path)))
