@@ -379,13 +379,24 @@ MATERIALIZE_BELOW_BYTES = 2 << 30
 
 
 def training_dataset(output: str, columns: list[str]):
+    """The run's Ray Dataset. A small one is read here, shard by shard, and handed to Ray as blocks whose
+    metadata is computed here too: Ray Data (2.60) runs its Parquet footer readers, read tasks and even
+    `from_arrow`'s metadata tasks at a whole CPU each, so when the teacher and critic actors leave less
+    than one CPU free they wait forever, without a word (bench/parquet_read_starved.py). A large one
+    streams through `read_parquet`: give such a cluster a free CPU per node beside its roles."""
     import fsspec
+    import pyarrow.parquet as pq
     import ray.data
 
-    dataset = ray.data.read_parquet(output).select_columns(columns)
+    shards = data.shard_paths(output)
     fs = fsspec.core.url_to_fs(output)[0]
-    size = sum(fs.size(path) for path in data.shard_paths(output))
-    return dataset.materialize() if size < MATERIALIZE_BELOW_BYTES else dataset
+    if sum(fs.size(path) for path in shards) >= MATERIALIZE_BELOW_BYTES:
+        return ray.data.read_parquet(output, columns=columns)
+    tables = []
+    for path in shards:
+        with fsspec.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    return ray.data.from_blocks(tables)
 
 
 def fit(
