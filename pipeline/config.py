@@ -262,6 +262,31 @@ class GenerateConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The streaming server (jobs/serve.py): where it listens, its replicas and their limits. Per stream,
+    generation uses the `generate` settings (cache_window and sink_frames a request may override)."""
+
+    host: str = "127.0.0.1"  # loopback unless told otherwise; reach it through an SSH tunnel or a proxy
+    port: int = 8000
+    num_replicas: int = 1
+    max_replicas: int = 0  # above num_replicas: autoscale between them on ongoing streams
+    resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    max_queued_streams: int = 2  # per replica, waiting for it; one more is answered 503 at once
+    max_blocks: int = 256  # the longest stream, in blocks; past the clip it needs a cache window
+    max_streams_per_client: int = 4  # created and not finished, per client address
+    jpeg_quality: int = 90
+    auth_env: str = "ONEFORCE_SERVE_TOKEN"  # holds a bearer token; when set, /v1 wants "Authorization: Bearer <it>"
+    log_to_mlflow: bool = False  # each stream's first-frame latency and frames/s, one MLflow run per replica
+
+    def __post_init__(self) -> None:
+        _positive(self, "port", "num_replicas", "max_queued_streams", "max_blocks", "max_streams_per_client", "jpeg_quality")
+        if self.max_replicas and self.max_replicas < self.num_replicas:
+            raise ConfigError(f"serve.max_replicas={self.max_replicas} is below serve.num_replicas={self.num_replicas}")
+        if self.jpeg_quality > 100:
+            raise ConfigError(f"serve.jpeg_quality must be 1-100, got {self.jpeg_quality}")
+
+
+@dataclass
 class Config:
     name: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -273,6 +298,7 @@ class Config:
     world: WorldConfig = field(default_factory=WorldConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         if self.method.gradient_num_blocks > self.model.num_blocks:
@@ -406,5 +432,5 @@ def _positive(section: Any, *names: str) -> None:
 _SECTION_NAMES = {
     "ModelConfig": "model", "MethodConfig": "method", "DiscriminatorConfig": "method.discriminator",
     "TrainConfig": "train", "RayConfig": "ray", "TrackingConfig": "tracking", "DataConfig": "data",
-    "PretrainConfig": "pretrain", "GenerateConfig": "generate",
+    "PretrainConfig": "pretrain", "GenerateConfig": "generate", "ServeConfig": "serve",
 }

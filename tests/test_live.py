@@ -51,34 +51,13 @@ def test_a_prompt_switch_keeps_the_past_and_changes_what_follows(checkpoint, fus
     np.testing.assert_allclose(switched, other, atol=1e-5)
 
 
-def held_bytes(root) -> int:
-    """Bytes of the tensor storages reachable from `root` (through lists, tuples, dicts and object
-    attributes; each storage counted once): what a stream keeps between blocks."""
-    seen, objects, total, stack = set(), set(), 0, [root]
-    while stack:
-        obj = stack.pop()
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        elif isinstance(obj, (list, tuple)):
-            stack.extend(obj)
-        elif isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)) and id(obj) not in objects:
-            objects.add(id(obj))
-            stack.extend(vars(obj).values())
-    return total
-
-
 def state_growth(gen: ClipGenerator, blocks: int) -> tuple[int, LiveStream]:
     """What the stream's cache and decoder hold after its last block minus after a third of them."""
     stream, held = LiveStream(gen, RED, seed=0, max_blocks=blocks), []
     for _ in range(blocks):
         frames = stream.next_frames()
         assert frames.shape == (1, 32, 32, 3) and np.isfinite(frames).all()
-        held.append(held_bytes([stream.rollout.cache, stream.decoder]))
+        held.append(stream.held_bytes())
     return held[-1] - held[blocks // 3], stream
 
 

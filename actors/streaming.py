@@ -1,0 +1,278 @@
+"""The streaming server's Ray Serve deployments (`jobs/serve.py` binds and runs them).
+
+- `StreamIngress` (FastAPI): the HTTP API and the page. It checks requests, keeps nothing itself, and
+  relays each stream from a replica as multipart frames (`pipeline/streaming.py`).
+- `StreamRegistry` (one replica): every stream's state, so that a prompt switch or a stop reaches the
+  replica making the stream whichever ingress replica received it: created, claimed (its frames
+  requested once), a pending prompt, a stop, finished.
+- `StreamReplica`: the student, its text encoder and codec on `serve.resources`, one stream at a time
+  (`max_ongoing_requests=1`). It makes a stream block by block (`pipeline/live.py`), asking the
+  registry between blocks for a new prompt or a stop. Streams beyond the replicas wait in a bounded
+  queue (`serve.max_queued_streams` per replica); past it Serve refuses at once and the ingress
+  answers 503.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations (`Request`) as
+# objects, and Serve's ingress wrapper would leave it strings it cannot resolve.
+import asyncio
+import hashlib
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from ray import serve
+
+from pipeline.streaming import CONTENT_TYPE, FORMATS, Limits, RequestError, check_prompt, encode_frame, json_part, parse_request, part
+
+UNCLAIMED_TTL_S = 120  # a stream created and never requested frees its client's slot after this
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class StreamRegistry:
+    def __init__(self, max_streams_per_client: int) -> None:
+        self.max_per_client = max_streams_per_client
+        self.streams: dict[str, dict[str, Any]] = {}
+
+    def _get(self, stream_id: str) -> dict[str, Any]:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            raise RequestError("id", f"no stream {stream_id!r}", status=404)
+        return stream
+
+    def _forget_old(self) -> None:
+        now = time.time()
+        for key, s in list(self.streams.items()):
+            if s["state"] == "created" and now - s["created"] > UNCLAIMED_TTL_S:
+                s["state"] = "finished"
+            if s["state"] == "finished" and now - s["created"] > 3600:
+                del self.streams[key]
+
+    def create(self, request: dict[str, Any], client: str) -> str:
+        self._forget_old()
+        open_ = sum(1 for s in self.streams.values() if s["client"] == client and s["state"] != "finished")
+        if open_ >= self.max_per_client:
+            raise RequestError("client", f"{open_} streams open from {client}, the limit is {self.max_per_client}", status=429)
+        stream_id = uuid.uuid4().hex
+        self.streams[stream_id] = {"request": request, "client": client, "state": "created", "created": time.time(),
+                                   "prompt": None, "stop": False, "stats": {}}
+        return stream_id
+
+    def claim(self, stream_id: str) -> dict[str, Any]:
+        stream = self._get(stream_id)
+        if stream["state"] != "created":
+            raise RequestError("id", f"stream {stream_id} is {stream['state']}: its frames are requested once", status=409)
+        stream["state"] = "streaming"
+        return stream["request"]
+
+    def switch(self, stream_id: str, prompt: str) -> None:
+        stream = self._get(stream_id)
+        if stream["state"] == "finished":
+            raise RequestError("id", f"stream {stream_id} has finished", status=409)
+        stream["prompt"] = prompt
+
+    def stop(self, stream_id: str) -> None:
+        stream = self._get(stream_id)
+        stream["stop"] = True
+        if stream["state"] == "created":
+            stream["state"] = "finished"
+
+    def poll(self, stream_id: str) -> dict[str, Any]:
+        """For the replica between blocks: a new prompt (once) and whether to stop."""
+        stream = self._get(stream_id)
+        prompt, stream["prompt"] = stream["prompt"], None
+        return {"prompt": prompt, "stop": stream["stop"]}
+
+    def finish(self, stream_id: str, stats: dict[str, Any]) -> None:
+        stream = self._get(stream_id)
+        stream["state"], stream["stats"] = "finished", stats
+
+    def status(self, stream_id: str) -> dict[str, Any]:
+        stream = self._get(stream_id)
+        return {"state": stream["state"], "stats": stream["stats"], **stream["request"]}
+
+
+@serve.deployment(max_ongoing_requests=1)
+class StreamReplica:
+    def __init__(self, checkpoint: str, config: dict[str, Any], registry: Any) -> None:
+        import torch
+
+        from pipeline.config import load_config
+        from pipeline.generation import ClipGenerator
+
+        self.cfg = load_config(base=config)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.generator = ClipGenerator.load(checkpoint, self.cfg, device=device)
+        self.registry, self.quality = registry, self.cfg.serve.jpeg_quality
+        self.tracker, self.streams_served = None, 0
+        if self.cfg.serve.log_to_mlflow:
+            from pipeline.tracking import open_tracker
+
+            self.tracker = open_tracker(self.cfg.tracking, None, self.cfg.to_dict(), "serve")
+
+    async def run(self, stream_id: str, request: dict[str, Any], fmt: str, started: float) -> AsyncIterator[bytes]:
+        """The stream's frames as multipart parts, then a JSON part with its numbers."""
+        from pipeline.live import LiveStream
+
+        stats: dict[str, Any] = {"frames": 0, "blocks": 0}
+        try:
+            live = LiveStream(self.generator, request["prompt"], request["seed"], request["blocks"],
+                              request["cache_window"], request["sink_frames"])
+            first = None
+            while not live.done:
+                control = await self.registry.poll.remote(stream_id)
+                if control["stop"]:
+                    stats["stopped"] = True
+                    break
+                if control["prompt"] is not None:
+                    live.switch_prompt(control["prompt"])
+                    stats["switches"] = stats.get("switches", 0) + 1
+                frames = await asyncio.to_thread(live.next_frames)  # the event loop keeps answering Serve
+                held = live.held_bytes()
+                for frame in frames:
+                    elapsed_ms = (time.time() - started) * 1000
+                    first = elapsed_ms if first is None else first
+                    headers = {"X-Frame": stats["frames"], "X-Block": live.blocks - 1, "X-Prompt": stats.get("switches", 0),
+                               "X-Ms": f"{elapsed_ms:.1f}", "X-Held-Bytes": held}
+                    yield part(encode_frame(frame, fmt, self.quality), FORMATS[fmt], headers)
+                    stats["frames"] += 1
+                stats["blocks"] = live.blocks
+            seconds = time.time() - started
+            stats.update(first_frame_ms=first or 0.0, frames_per_s=stats["frames"] / max(seconds - (first or 0) / 1000, 1e-9),
+                         seconds=seconds)
+            yield json_part({"done": True, **stats})
+        finally:
+            await self.registry.finish.remote(stream_id, stats)
+            self._log(stats)
+
+    def _log(self, stats: dict[str, Any]) -> None:
+        if self.tracker is not None and "first_frame_ms" in stats:
+            self.tracker.log_metrics({k: float(stats[k]) for k in ("first_frame_ms", "frames_per_s", "frames")}, self.streams_served)
+        self.streams_served += 1
+
+
+app = FastAPI(title="oneforce streaming")
+
+
+# Helpers of the ingress stand above it: `serve.ingress` takes the class as it is when decorated.
+def _error(err: RequestError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1] if text else ''}"[:300]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class StreamIngress:
+    def __init__(self, registry: Any, replica: Any, limits: dict[str, int], token_sha256: str, page: str) -> None:
+        self.registry, self.replica, self.limits = registry, replica, Limits(**limits)
+        self.token_sha256, self.page = token_sha256, page
+
+    def _authorize(self, request: Request) -> None:
+        """With a token set, /v1 wants `Authorization: Bearer <token>`; only its hash is held here."""
+        if not self.token_sha256:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(hashlib.sha256(given.encode()).hexdigest(), self.token_sha256):
+            raise RequestError("authorization", "a valid bearer token is required", status=401)
+
+    async def _call(self, method: Any, *args: Any) -> Any:
+        """A registry call; its RequestError (raised in the registry) comes back as the original."""
+        from ray.exceptions import RayTaskError
+
+        try:
+            return await method.remote(*args)
+        except RayTaskError as err:
+            if isinstance(err.cause, RequestError):
+                raise err.cause from None
+            raise
+
+    @app.get("/")
+    async def index(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @app.post("/v1/streams")
+    async def create(self, request: Request) -> JSONResponse:
+        try:
+            self._authorize(request)
+            try:
+                body = await request.json()
+            except ValueError:
+                raise RequestError("body", "must be JSON") from None
+            parsed = parse_request(body, self.limits)
+            client = request.client.host if request.client else "unknown"
+            stream_id = await self._call(self.registry.create, parsed.to_dict(), client)
+        except RequestError as err:
+            return _error(err)
+        return JSONResponse({"id": stream_id, **parsed.to_dict()}, status_code=201)
+
+    @app.get("/v1/streams/{stream_id}")
+    async def frames(self, stream_id: str, request: Request, format: str = "jpeg"):  # noqa: A002 - the query's name
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            self._authorize(request)
+            if format not in FORMATS:
+                raise RequestError("format", f"must be one of {', '.join(FORMATS)}, got {format!r}")
+            claimed = await self._call(self.registry.claim, stream_id)
+        except RequestError as err:
+            return _error(err)
+        started = time.time()
+        parts = self.replica.options(stream=True).run.remote(stream_id, claimed, format, started)
+        try:
+            first = await parts.__anext__()
+        except BackPressureError:
+            await self.registry.finish.remote(stream_id, {"refused": "busy"})
+            return JSONResponse({"error": "every replica is busy and its queue is full: retry later", "field": "replicas"},
+                                status_code=503)
+        except Exception as err:  # the replica could not start the stream
+            await self.registry.finish.remote(stream_id, {"error": str(err)})
+            return JSONResponse({"error": _one_line(err), "field": "replica"}, status_code=500)
+        return StreamingResponse(self._relay(first, parts, stream_id), media_type=CONTENT_TYPE,
+                                 headers={"Cache-Control": "no-store", "X-Stream": stream_id})
+
+    async def _relay(self, first: bytes, parts: Any, stream_id: str) -> AsyncIterator[bytes]:
+        yield first
+        try:
+            async for chunk in parts:
+                yield chunk
+        except Exception as err:  # the replica died mid-stream: the stream ends with the error
+            await self.registry.finish.remote(stream_id, {"error": _one_line(err)})
+            yield json_part({"error": _one_line(err)})
+
+    @app.post("/v1/streams/{stream_id}/prompt")
+    async def switch(self, stream_id: str, request: Request) -> JSONResponse:
+        try:
+            self._authorize(request)
+            try:
+                body = await request.json()
+            except ValueError:
+                raise RequestError("body", "must be JSON") from None
+            prompt = check_prompt(body.get("prompt") if isinstance(body, dict) else None, self.limits)
+            await self._call(self.registry.switch, stream_id, prompt)
+        except RequestError as err:
+            return _error(err)
+        return JSONResponse({"id": stream_id, "prompt": prompt})
+
+    @app.get("/v1/streams/{stream_id}/status")
+    async def status(self, stream_id: str, request: Request) -> JSONResponse:
+        try:
+            self._authorize(request)
+            return JSONResponse(await self._call(self.registry.status, stream_id))
+        except RequestError as err:
+            return _error(err)
+
+    @app.delete("/v1/streams/{stream_id}")
+    async def stop(self, stream_id: str, request: Request) -> JSONResponse:
+        try:
+            self._authorize(request)
+            await self._call(self.registry.stop, stream_id)
+        except RequestError as err:
+            return _error(err)
+        return JSONResponse({"id": stream_id, "stopped": True})

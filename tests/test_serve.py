@@ -1,0 +1,273 @@
+"""The streaming server (jobs/serve.py, actors/streaming.py) as a real Ray Serve application on the
+session's Ray cluster, over a tiny export, read over HTTP as a client reads it."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.generation import ClipGenerator
+from pipeline.live import LiveStream
+from pipeline.streaming import RequestError, read_parts
+from tests.test_generation import generation_config, save_toy_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+RED, BLUE = "a red square moving left, fast", "a blue circle moving up, slow"
+TOKEN = "serve-test-token"
+SERVE = ["serve.max_queued_streams=1", "serve.resources={CPU: 0.5}", "serve.max_blocks=512", "serve.max_streams_per_client=8",
+         "generate.max_prompt_chars=200"]
+
+
+class Client:
+    def __init__(self, port: int, token: str = TOKEN) -> None:
+        self.port, self.token = port, token
+
+    def _connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+
+    def call(self, method: str, path: str, body=None, raw: bytes | None = None) -> tuple[int, dict]:
+        connection = self._connection()
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        payload = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        connection.request(method, path, body=payload, headers=headers)
+        reply = connection.getresponse()
+        return reply.status, json.loads(reply.read() or b"{}")
+
+    def create(self, **request) -> str:
+        status, body = self.call("POST", "/v1/streams", request)
+        assert status == 201, body
+        return body["id"]
+
+    def open(self, stream_id: str, fmt: str = "png") -> http.client.HTTPResponse:
+        connection = self._connection()
+        connection.request("GET", f"/v1/streams/{stream_id}?format={fmt}", headers={"Authorization": f"Bearer {self.token}"})
+        return connection.getresponse()
+
+
+def chunks(reply: http.client.HTTPResponse):
+    while chunk := reply.read1(65536):
+        yield chunk
+
+
+def frame_of(part) -> np.ndarray:
+    from PIL import Image
+    import io
+
+    return np.asarray(Image.open(io.BytesIO(part.body)).convert("RGB"), dtype=np.float32) / 255
+
+
+def jpeg_round_trip(frame: np.ndarray, quality: int) -> np.ndarray:
+    from PIL import Image
+    import io
+
+    out = io.BytesIO()
+    Image.fromarray(np.rint(frame * 255).astype(np.uint8)).save(out, format="JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(out.getvalue())).convert("RGB"), dtype=np.float32) / 255
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    return save_toy_checkpoint(tmp_path_factory.mktemp("serve_ckpt"))
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, ray_cluster, export):
+    """The application deployed on the session's cluster with a bearer token; (client, generator) where
+    the generator is the same export loaded here, as the reference."""
+    from ray import serve
+
+    from jobs import serve as job
+    from tests.conftest import _free_port
+
+    cfg = generation_config(*SERVE, f"serve.port={_free_port()}", f"ray.address={ray_cluster[0]}")
+    os.environ[cfg.serve.auth_env] = TOKEN
+    try:
+        url = job.start(cfg, str(export))
+    finally:
+        os.environ.pop(cfg.serve.auth_env)
+    assert url == f"http://127.0.0.1:{cfg.serve.port}/"
+    try:
+        yield Client(cfg.serve.port), ClipGenerator.load(str(export), cfg)
+    finally:
+        serve.shutdown()
+
+
+def stream_parts(client: Client, stream_id: str, fmt: str = "png") -> tuple[list, list[float]]:
+    reply = client.open(stream_id, fmt)
+    assert reply.status == 200 and reply.getheader("Content-Type").startswith("multipart/x-mixed-replace")
+    parts, arrived = [], []
+    for part in read_parts(chunks(reply)):
+        parts.append(part)
+        arrived.append(time.time())
+    return parts, arrived
+
+
+def test_a_stream_is_the_generated_clip_frame_by_frame_and_arrives_block_by_block(server):
+    client, gen = server
+    parts, _ = stream_parts(client, client.create(prompt=RED, seed=3))
+    *frames, end = parts
+    assert end.content_type == "application/json" and end.json()["done"] and end.json()["frames"] == len(frames)
+    clip = gen.generate(RED, seed=3)
+    assert len(frames) == len(clip) and all(p.content_type == "image/png" for p in frames)
+    np.testing.assert_allclose(np.stack([frame_of(p) for p in frames]), np.rint(clip * 255) / 255, atol=1e-6)  # PNG: exact bytes
+    assert [int(p.headers["x-block"]) for p in frames] == [i // gen.settings.frames_per_block for i in range(len(clip))]
+    # A longer stream: its first frame reached this client long before the replica made its last block.
+    started = time.time()
+    parts, arrived = stream_parts(client, client.create(prompt=RED, seed=3, frames=128, window=3))
+    made_last = started + float(parts[-2].headers["x-ms"]) / 1000
+    assert arrived[0] < made_last - 0.5 * (made_last - started), (arrived[0] - started, made_last - started)
+    # JPEG, the default: each frame decodes to what PIL makes of the clip's frame at serve.jpeg_quality.
+    parts, _ = stream_parts(client, client.create(prompt=RED, seed=3), fmt="jpeg")
+    assert [p.content_type for p in parts[:-1]] == ["image/jpeg"] * len(clip)
+    for part, want in zip(parts, clip):
+        np.testing.assert_array_equal(frame_of(part), jpeg_round_trip(want, quality=90))
+
+
+def test_a_prompt_switch_mid_stream_keeps_the_past_and_follows_the_new_prompt(server):
+    client, gen = server
+    stream_id = client.create(prompt=RED, seed=5, frames=256, window=3, sink_frames=1)
+    reply = client.open(stream_id)
+    parts, stopped = [], False
+    for part in read_parts(chunks(reply)):
+        parts.append(part)
+        if len(parts) == 1:
+            assert client.call("POST", f"/v1/streams/{stream_id}/prompt", {"prompt": BLUE}) == (200, {"id": stream_id, "prompt": BLUE})
+        elif not stopped and part.headers.get("x-prompt") == "1" and int(part.headers["x-block"]) >= switched_at(parts) + 2:
+            assert client.call("DELETE", f"/v1/streams/{stream_id}")[0] == 200
+            stopped = True
+    *frames, end = parts
+    assert end.json().get("stopped") and len(frames) < 256, end.json()
+    k = switched_at(parts)
+    assert 1 <= k < len(frames)
+    # The reference: the same stream in this process, switched before block k.
+    live = LiveStream(gen, RED, 5, 256, cache_window=3, sink_frames=1)
+    want = []
+    for block in range(len(frames)):
+        if block == k:
+            live.switch_prompt(BLUE)
+        want.append(live.next_frames())
+    np.testing.assert_allclose(np.stack([frame_of(p) for p in frames]), np.rint(np.concatenate(want) * 255) / 255, atol=1e-6)
+    status, body = client.call("GET", f"/v1/streams/{stream_id}/status")
+    assert status == 200 and body["state"] == "finished" and body["stats"]["stopped"]
+
+
+def switched_at(parts) -> int:
+    """The first block made under the switched prompt (frames_per_block is 1 here)."""
+    return next((int(p.headers["x-block"]) for p in parts if p.headers.get("x-prompt") == "1"), 10**9)
+
+
+def test_a_long_stream_with_a_window_holds_flat_memory(server):
+    client, gen = server
+    blocks = 4 * gen.settings.num_blocks
+    parts, _ = stream_parts(client, client.create(prompt=BLUE, seed=1, frames=blocks, window=3, sink_frames=1))
+    *frames, end = parts
+    held = [int(p.headers["x-held-bytes"]) for p in frames]
+    assert len(frames) == blocks and end.json()["frames"] == blocks
+    assert held[-1] == held[blocks // 3] > 0, held  # once the window is full, nothing grows
+
+
+def test_a_full_queue_is_503_at_once_and_the_stream_ahead_is_unharmed(server):
+    client, _ = server
+    running = client.open(client.create(prompt=RED, frames=512, window=3))  # the replica's one stream
+    first = next(read_parts(chunks(running)))
+    assert first.content_type == "image/png"
+    queued_id, outcome = client.create(prompt=RED), {}
+    waiter = threading.Thread(target=lambda: outcome.update(reply=client.open(queued_id)))
+    waiter.start()
+    time.sleep(1.0)  # it waits in the replica's queue (serve.max_queued_streams=1)
+    start = time.time()
+    status, body = client.call("GET", f"/v1/streams/{client.create(prompt=RED)}")
+    assert status == 503 and "queue is full" in body["error"] and time.time() - start < 5
+    running.close()  # the client leaves: the replica ends that stream and takes the queued one
+    waiter.join(timeout=120)
+    parts = list(read_parts(chunks(outcome["reply"])))
+    assert parts[-1].json()["done"] and len(parts) > 1
+
+
+@pytest.mark.parametrize("method,path,body,status,field", [
+    ("POST", "/v1/streams", {"prompt": ""}, 400, "prompt"),
+    ("POST", "/v1/streams", {"prompt": "x" * 201}, 400, "prompt"),
+    ("POST", "/v1/streams", {"prompt": RED, "frames": 10_000}, 400, "frames"),
+    ("POST", "/v1/streams", {"prompt": RED, "frames": 8}, 400, "frames"),  # past the clip without a window
+    ("POST", "/v1/streams", {"prompt": RED, "frames": 8, "window": 3, "sink_frames": 3}, 400, "sink_frames"),
+    ("POST", "/v1/streams", {"prompt": RED, "seed": "one"}, 400, "seed"),
+    ("POST", "/v1/streams", {"prompt": RED, "colour": "red"}, 400, "colour"),
+    ("POST", "/v1/streams", b"{not json", 400, "body"),
+    ("GET", "/v1/streams/nope", None, 404, "id"),
+    ("POST", "/v1/streams/nope/prompt", {"prompt": BLUE}, 404, "id"),
+    ("DELETE", "/v1/streams/nope", None, 404, "id"),
+])
+def test_bad_requests_are_one_line_json_naming_the_field(server, method, path, body, status, field):
+    client, _ = server
+    got, reply = client.call(method, path, raw=body) if isinstance(body, bytes) else client.call(method, path, body)
+    assert (got, reply["field"]) == (status, field), reply
+    assert "\n" not in reply["error"] and reply["error"].startswith(f"{field}:")
+
+
+def test_without_the_token_every_call_is_401_and_a_stream_is_requested_once(server):
+    client, _ = server
+    stranger = Client(client.port, token="wrong")
+    assert stranger.call("POST", "/v1/streams", {"prompt": RED})[0] == 401
+    stream_id = client.create(prompt=RED)
+    assert Client(client.port, token="").call("GET", f"/v1/streams/{stream_id}/status")[0] == 401
+    stream_parts(client, stream_id)
+    status, body = client.call("GET", f"/v1/streams/{stream_id}")
+    assert status == 409 and body["field"] == "id"
+    status, body = client.call("POST", f"/v1/streams/{stream_id}/prompt", {"prompt": BLUE})
+    assert status == 409
+
+
+def test_the_page_is_served_without_a_token(server):
+    client, _ = server
+    connection = http.client.HTTPConnection("127.0.0.1", client.port, timeout=30)
+    connection.request("GET", "/")
+    reply = connection.getresponse()
+    page = reply.read().decode()
+    assert reply.status == 200 and "/v1/streams" in page and 'id="video"' in page
+
+
+def test_a_replica_killed_mid_stream_ends_it_with_an_error_and_the_next_stream_is_served(server, ray_cluster):
+    from ray.util.state import list_actors
+
+    client, gen = server
+    reply = client.open(client.create(prompt=RED, frames=512, window=3))
+    parts = read_parts(chunks(reply))
+    next(parts)
+    [replica] = [a for a in list_actors(address=ray_cluster[0], filters=[("state", "=", "ALIVE")]) if "StreamReplica" in a.class_name]
+    os.kill(replica.pid, signal.SIGKILL)
+    end = list(parts)[-1]
+    assert end.content_type == "application/json" and "error" in end.json(), end.body[:200]
+    deadline = time.time() + 180
+    while True:  # Serve replaces the replica; until it is up, a stream is refused or waits
+        stream_id = client.create(prompt=BLUE, seed=2)
+        parts_after, _ = stream_parts(client, stream_id)
+        if parts_after and parts_after[-1].json().get("done"):
+            break
+        assert time.time() < deadline
+    np.testing.assert_allclose(np.stack([frame_of(p) for p in parts_after[:-1]]), np.rint(gen.generate(BLUE, 2) * 255) / 255, atol=1e-6)
+
+
+def test_a_checkpoint_that_does_not_exist_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, "jobs/serve.py", "--checkpoint", str(tmp_path / "nowhere")], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "nowhere" in result.stderr, result.stderr
+
+
+def test_request_errors_survive_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(RequestError("frames", "too many", 400)))
+    assert (err.field, err.status, str(err)) == ("frames", 400, "frames: too many")
