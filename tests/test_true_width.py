@@ -7,9 +7,13 @@ release layout; the student and critic have the 1.3B's width (1536, 12 heads, ff
 the Diffusers repository layout, beside a umT5 of Wan's text width (4096) and a Wan VAE of Wan's latent
 width (16 channels), both tiny otherwise. The chain is what a user runs: preprocess -> ODE init ->
 distillation (teacher and critic on actors) -> generation -> an mp4 that decodes, each stage reading the
-last one's output from S3. The chunkwise config then takes one step of the plain loop on the same
-dataset from the same ODE-init export (blocks of 3 latent frames, its GAN tap and R1/R2) and generates
-a clip with its settings.
+last one's output from S3. ODE init takes one step of its regression in this process, with activation
+checkpointing as the config has it, on the teacher's trajectories: Ray Train and DeepSpeed at true
+width are the distillation's, which starts from the Diffusers release's student (an ODE-init export
+handed to a distillation through Ray Train: tests/test_quickstart.py, at toy size); its Train run cost
+~45 s here. The chunkwise config then takes one step of the plain loop on the same dataset from the
+distillation's export (blocks of 3 latent frames, its GAN tap and R1/R2) and generates a clip with its
+settings.
 
 What stays on local disk, and why: the teacher's 2.3 GB of fp32 shards (through the S3 server, once up
 and once into the node cache, they were a third of this test's time; the sharded release is read from
@@ -105,9 +109,10 @@ def generate(cfg: Config, checkpoint: str, out: str, tmp: Path) -> Path:
 
 def test_the_shipped_configs_at_true_width_in_bf16_on_s3(ray_local, ray_cluster, releases, tmp_path):
     from jobs import distill as distill_job
-    from jobs import ode_init, preprocess
+    from jobs import preprocess
     from pipeline import data, distill, trainer
     from pipeline.generation import ClipGenerator
+    from pipeline.models.loading import load_student
     from pipeline.video import read_video
 
     framewise = shipped("wan_1_3b_framewise", releases, ray_cluster[0], tmp_path)
@@ -117,21 +122,31 @@ def test_the_shipped_configs_at_true_width_in_bf16_on_s3(ray_local, ray_cluster,
     assert info.latent.shape == (16, 6, 4, 4) and info.text_embedding.shape[-1] == 4096
     assert len(data.written_ids(framewise.data.output)) == 2
 
-    # Each Train run's directory on local disk, its export on S3, where the next stage reads it.
-    ode = shipped("wan_1_3b_framewise", releases, ray_cluster[0], tmp_path, f"train.export_path={BUCKET}/ode_init_export", "tracking.sample_every=0")  # the distillation logs samples
-    ode_init.main(ode, argparse.Namespace(export=False))
-    export = trainer.export_path(ode, "ode_init")
-    assert export.startswith("s3://")
-    dist = shipped("wan_1_3b_framewise", releases, ray_cluster[0], tmp_path, f"model.student_path={export}/transformer",
+    # ODE init: one step of its regression, in this process, on the 14B teacher's trajectories, the
+    # student from the Diffusers release on S3 (see the module doc for why not a Train run).
+    checkpointing = framewise.train.gradient_checkpointing
+    student = distill.TorchOptimised(load_student(framewise.model, for_ode_init=True, checkpointing=checkpointing), 1e-5, framewise.train)
+    before = next(iter(student.params)).detach().clone()
+    rows = next(distill.epoch_batches(data.read_dataset(framewise.data.output), 2))
+    ode = distill.ode_init_step(student, distill.rows_to_batch(rows, [0, 1]), 0, framewise, list(info.trajectory_timesteps))
+    assert ode["ode_skipped"] == 0.0 and math.isfinite(ode["ode_loss"]) and ode["ode_loss"] > 0, ode
+    assert not torch.equal(before, next(iter(student.params)))
+    del student
+
+    # The distillation on Ray Train: its run's directory on local disk, its export on S3, where
+    # generation reads it.
+    repo_student = f"{releases['repo']}/transformer"
+    dist = shipped("wan_1_3b_framewise", releases, ray_cluster[0], tmp_path, f"model.student_path={repo_student}",
                    f"train.export_path={BUCKET}/distill_export")
     distill_job.main(dist, argparse.Namespace(export=False))
-    assert trainer.export_path(dist, "distill").startswith("s3://")
-    clip = read_video(str(generate(dist, trainer.export_path(dist, "distill"), f"{BUCKET}/videos/framewise", tmp_path)))
+    export = trainer.export_path(dist, "distill")
+    assert export.startswith("s3://")
+    clip = read_video(str(generate(dist, export, f"{BUCKET}/videos/framewise", tmp_path)))
     assert clip.shape == (21, 32, 32, 3)  # 6 latent frames -> 1 + 5 x 4 frames of 8 x 8 pixels per latent
 
-    # The chunkwise config: blocks of 3 latent frames, its GAN tap and R1/R2, on the same dataset and
-    # from the same ODE init. One step of the plain loop (no Ray, torch AdamW): Ray Train and DeepSpeed
-    # at true width were the framewise run's; what this config adds is its step and its generation.
+    # The chunkwise config: blocks of 3 latent frames, its GAN tap and R1/R2, on the same dataset, from
+    # the framewise student's export. One step of the plain loop (no Ray, torch AdamW): Ray Train and
+    # DeepSpeed at true width were the framewise run's; what this config adds is its step and its generation.
     chunk = shipped("wan_1_3b_chunkwise", releases, ray_cluster[0], tmp_path, f"data.output={framewise.data.output}",
                     f"model.student_path={export}/transformer")
     assert chunk.model.frames_per_block == 3 and chunk.method.r1_weight > 0 and chunk.method.r2_weight > 0
