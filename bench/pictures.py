@@ -2,6 +2,7 @@
 
     python bench/pictures.py strip        # docs/strip.png: teacher vs one-step student vs DMD-only, same prompts and noise
     python bench/pictures.py mlflow       # docs/mlflow_distill.png: the MLflow UI on the quickstart's store
+    python bench/pictures.py serve        # docs/serve.png: the streaming page playing the quickstart's student
     python bench/pictures.py all --store /tmp/qs-src/runs/quickstart/mlflow.db
 
 `strip` reads the clips bench/claims.py graded (runs/claims/videos/: the teacher's multi-step sampler, the
@@ -10,8 +11,11 @@ prompts that differ in colour, shape, direction and speed, one row per model and
 
 `mlflow` starts a real `mlflow ui` on the quickstart's store (runs/quickstart/mlflow.db unless --store),
 opens the distillation run's metric charts in headless Chromium (the Debian `chromium` package), driven
-over the DevTools protocol (aiohttp's websocket, which Ray installs) so it can wait for the charts to draw,
-saves a screenshot and stops the browser and the server.
+over the DevTools protocol (tests/browser.py: aiohttp's websocket, which Ray installs) so it can wait for
+the charts to draw, saves a screenshot and stops the browser and the server.
+
+`serve` starts jobs/serve.py's application on a local Ray over a student export (the quickstart's unless
+--checkpoint), starts a stream from its page and takes the screenshot while frames arrive.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -119,13 +122,6 @@ def distill_run(store: str, experiment: str) -> tuple[str, str]:
     return exp.experiment_id, runs[0].info.run_id
 
 
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    raise SystemExit("no headless Chromium found: apt-get install -y chromium")
-
-
 CLOSE_ASSISTANT = """(() => {
   const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
   let title = null;
@@ -141,108 +137,91 @@ CLOSE_ASSISTANT = """(() => {
 CHARTS = "document.querySelectorAll('.js-plotly-plot').length"
 
 
-async def capture(cdp_port: int, url: str, out: Path, width: int, height: int, wait_s: float) -> int:
-    """Chrome DevTools Protocol over a websocket (aiohttp, which Ray brings): size the page, open `url`,
-    wait in real time until the metric charts are drawn (they fetch their data after the page loads),
-    close the assistant side panel, screenshot. Returns how many charts were drawn."""
-    import asyncio
-    import base64
-
-    import aiohttp
-
-    async with aiohttp.ClientSession() as http:
-        for _ in range(60):
-            try:
-                async with http.get(f"http://127.0.0.1:{cdp_port}/json/list") as reply:
-                    pages = [t for t in await reply.json() if t["type"] == "page"]
-                if pages:
-                    break
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(1)
-        else:
-            raise SystemExit("headless Chromium did not open a page")
-        async with http.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-            counter = 0
-
-            async def call(method: str, **params):
-                nonlocal counter
-                counter += 1
-                await ws.send_json({"id": counter, "method": method, "params": params})
-                async for message in ws:
-                    reply = message.json()
-                    if reply.get("id") == counter:
-                        if "error" in reply:
-                            raise RuntimeError(f"{method}: {reply['error']}")
-                        return reply["result"]
-
-            async def evaluate(expression: str):
-                return (await call("Runtime.evaluate", expression=expression, returnByValue=True))["result"].get("value")
-
-            await call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
-            await call("Page.navigate", url=url)
-            deadline, charts, steady = time.time() + wait_s, 0, 0
-            while time.time() < deadline and steady < 3:  # the count unchanged for 3 s
-                await asyncio.sleep(1)
-                now = await evaluate(CHARTS) or 0
-                steady = steady + 1 if now and now == charts else 0
-                charts = now
-            print(f"assistant panel: {await evaluate(CLOSE_ASSISTANT)}")
-            await asyncio.sleep(3)  # the layout after the panel closed; the charts redraw to the new width
-            shot = await call("Page.captureScreenshot", format="png")
-            out.write_bytes(base64.b64decode(shot["data"]))
-            return charts
-
-
 def screenshot(store_file: Path, experiment: str, out: Path, width: int, height: int, wait_s: float) -> Path:
-    import asyncio
-    import tempfile
+    from tests.browser import Page
 
     store = f"sqlite:///{store_file.resolve()}"
     experiment_id, run_id = distill_run(store, experiment)
-    browser = chromium()
-    port, cdp_port = free_port(), free_port()
-    processes = []
-    with tempfile.TemporaryDirectory() as profile:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise SystemExit(f"mlflow ui did not start on port {port}") from None
+                time.sleep(1)
+        url = f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics"
+        with Page(width, height) as page:
+            page.open(url)
+            # The charts fetch their data after the page loads: wait until their count holds for 3 s.
+            deadline, charts, steady = time.time() + wait_s, 0, 0
+            while time.time() < deadline and steady < 3:
+                time.sleep(1)
+                now = page.evaluate(CHARTS) or 0
+                steady = steady + 1 if now and now == charts else 0
+                charts = now
+            print(f"assistant panel: {page.evaluate(CLOSE_ASSISTANT)}")
+            time.sleep(3)  # the layout after the panel closed; the charts redraw to the new width
+            page.screenshot(out)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
         try:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port),
-                 "--workers", "1"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            )
-            processes.append(server)
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.time() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(f"{base}/health", timeout=2)
-                    break
-                except OSError:
-                    if server.poll() is not None or time.time() > deadline:
-                        raise SystemExit(f"mlflow ui did not start on port {port}") from None
-                    time.sleep(1)
-            processes.append(subprocess.Popen(
-                [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", f"--remote-debugging-port={cdp_port}", f"--window-size={width},{height}", "about:blank"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            ))
-            url = f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            charts = asyncio.run(capture(cdp_port, url, out, width, height, wait_s))
-        finally:
-            for process in reversed(processes):  # each started in its own process group, with its children
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
     print(f"wrote {out}: MLflow UI ({store}) run {run_id}, {charts} charts drawn, {url.replace(base, '')}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The streaming page
+# ----------------------------------------------------------------------------------------------------
+
+
+def serve_page(checkpoint: str, prompt: str, out: Path, frames: int, shown_after: int) -> Path:
+    """jobs/serve.py's application on a local Ray, its page in headless Chromium: a stream of `frames`
+    latent frames started from the page, the screenshot taken once `shown_after` frames are painted."""
+    import ray
+    from ray import serve
+
+    from jobs.serve import start
+    from pipeline.checkpoint import export_settings
+    from pipeline.config import load_config
+    from tests.browser import Page
+
+    cfg = load_config(None, [f"serve.port={free_port()}", "serve.resources={CPU: 1}", f"serve.max_blocks={frames}",
+                             "tracking.tracking_uri=none"], base=export_settings(checkpoint))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        url = start(cfg, checkpoint)
+        fill = "; ".join(f"document.getElementById('{key}').value = {json.dumps(str(value))}"
+                         for key, value in {"prompt": prompt, "frames": frames, "window": 6, "seed": 0}.items())
+        with Page(900, 620) as page:
+            page.open(url)
+            page.wait_for("document.readyState === 'complete' && !!document.getElementById('start')", 60)
+            page.evaluate(f"{fill}; document.getElementById('start').click(); true")
+            painted = page.wait_for(f"Number(document.getElementById('count').textContent) >= {shown_after} && "
+                                    "document.getElementById('count').textContent", 300)
+            page.screenshot(out)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(f"wrote {out}: the streaming page, {painted} frames painted of {frames}, {checkpoint}")
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("strip", "mlflow", "all"))
+    parser.add_argument("what", choices=("strip", "mlflow", "serve", "all"))
     parser.add_argument("--videos", default="runs/claims/videos", help="bench/claims.py's clips")
     parser.add_argument("--seed", type=int, default=0, help="which training seed's students")
     parser.add_argument("--prompts", type=int, default=4)
@@ -252,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mlflow-out", default="docs/mlflow_distill.png")
     parser.add_argument("--size", default="1400x1300", help="browser window, WxH")
     parser.add_argument("--wait", type=float, default=90, help="at most this many seconds for the charts to draw")
+    parser.add_argument("--checkpoint", default="runs/quickstart/distill/export", help="the student the streaming page shows")
+    parser.add_argument("--serve-out", default="docs/serve.png")
     args = parser.parse_args(argv)
     os.chdir(REPO)
     if args.what in ("strip", "all"):
@@ -259,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.what in ("mlflow", "all"):
         width, height = (int(v) for v in args.size.split("x"))
         screenshot(Path(args.store), args.experiment, Path(args.mlflow_out), width, height, args.wait)
+    if args.what in ("serve", "all"):
+        serve_page(args.checkpoint, "a red square moving left, fast", Path(args.serve_out), frames=120, shown_after=40)
 
 
 if __name__ == "__main__":

@@ -83,15 +83,18 @@ def export(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, ray_cluster, export):
-    """The application deployed on the session's cluster with a bearer token; (client, generator) where
-    the generator is the same export loaded here, as the reference."""
+def server(ray_local, ray_cluster, export, tmp_path_factory):
+    """The application deployed on the session's cluster with a bearer token, logging to MLflow;
+    (client, generator, MLflow store) where the generator is the same export loaded here, as the
+    reference."""
     from ray import serve
 
     from jobs import serve as job
     from tests.conftest import _free_port
 
-    cfg = generation_config(*SERVE, f"serve.port={_free_port()}", f"ray.address={ray_cluster[0]}")
+    store = f"sqlite:///{tmp_path_factory.mktemp('serve_mlflow') / 'mlflow.db'}"
+    cfg = generation_config(*SERVE, f"serve.port={_free_port()}", f"ray.address={ray_cluster[0]}", "serve.log_to_mlflow=true",
+                            f"tracking.tracking_uri={store}", "tracking.experiment=serve")
     os.environ[cfg.serve.auth_env] = TOKEN
     try:
         url = job.start(cfg, str(export))
@@ -99,7 +102,7 @@ def server(ray_local, ray_cluster, export):
         os.environ.pop(cfg.serve.auth_env)
     assert url == f"http://127.0.0.1:{cfg.serve.port}/"
     try:
-        yield Client(cfg.serve.port), ClipGenerator.load(str(export), cfg)
+        yield Client(cfg.serve.port), ClipGenerator.load(str(export), cfg), store
     finally:
         serve.shutdown()
 
@@ -115,7 +118,7 @@ def stream_parts(client: Client, stream_id: str, fmt: str = "png") -> tuple[list
 
 
 def test_a_stream_is_the_generated_clip_frame_by_frame_and_arrives_block_by_block(server):
-    client, gen = server
+    client, gen, _ = server
     parts, _ = stream_parts(client, client.create(prompt=RED, seed=3))
     *frames, end = parts
     assert end.content_type == "application/json" and end.json()["done"] and end.json()["frames"] == len(frames)
@@ -136,7 +139,7 @@ def test_a_stream_is_the_generated_clip_frame_by_frame_and_arrives_block_by_bloc
 
 
 def test_a_prompt_switch_mid_stream_keeps_the_past_and_follows_the_new_prompt(server):
-    client, gen = server
+    client, gen, _ = server
     stream_id = client.create(prompt=RED, seed=5, frames=256, window=3, sink_frames=1)
     reply = client.open(stream_id)
     parts, stopped = [], False
@@ -169,7 +172,7 @@ def switched_at(parts) -> int:
 
 
 def test_a_long_stream_with_a_window_holds_flat_memory(server):
-    client, gen = server
+    client, gen, _ = server
     blocks = 4 * gen.settings.num_blocks
     parts, _ = stream_parts(client, client.create(prompt=BLUE, seed=1, frames=blocks, window=3, sink_frames=1))
     *frames, end = parts
@@ -178,8 +181,21 @@ def test_a_long_stream_with_a_window_holds_flat_memory(server):
     assert held[-1] == held[blocks // 3] > 0, held  # once the window is full, nothing grows
 
 
+def test_each_stream_s_numbers_reach_the_replica_s_mlflow_run(server):
+    import mlflow
+
+    client, _, store = server
+    stream_parts(client, client.create(prompt=RED, seed=7))
+    runs = mlflow.MlflowClient(store).search_runs([mlflow.MlflowClient(store).get_experiment_by_name("serve").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_name == "serve"
+    history = mlflow.MlflowClient(store).get_metric_history(runs[0].info.run_id, "first_frame_ms")
+    assert history and all(m.value > 0 for m in history) and sorted(m.step for m in history) == list(range(len(history)))
+    frames = mlflow.MlflowClient(store).get_metric_history(runs[0].info.run_id, "frames")
+    assert max(frames, key=lambda m: m.step).value == 4  # this stream's: the clip's 4 frames
+
+
 def test_a_full_queue_is_503_at_once_and_the_stream_ahead_is_unharmed(server):
-    client, _ = server
+    client, _, _ = server
     running = client.open(client.create(prompt=RED, frames=512, window=3))  # the replica's one stream
     first = next(read_parts(chunks(running)))
     assert first.content_type == "image/png"
@@ -210,14 +226,14 @@ def test_a_full_queue_is_503_at_once_and_the_stream_ahead_is_unharmed(server):
     ("DELETE", "/v1/streams/nope", None, 404, "id"),
 ])
 def test_bad_requests_are_one_line_json_naming_the_field(server, method, path, body, status, field):
-    client, _ = server
+    client, _, _ = server
     got, reply = client.call(method, path, raw=body) if isinstance(body, bytes) else client.call(method, path, body)
     assert (got, reply["field"]) == (status, field), reply
     assert "\n" not in reply["error"] and reply["error"].startswith(f"{field}:")
 
 
 def test_without_the_token_every_call_is_401_and_a_stream_is_requested_once(server):
-    client, _ = server
+    client, _, _ = server
     stranger = Client(client.port, token="wrong")
     assert stranger.call("POST", "/v1/streams", {"prompt": RED})[0] == 401
     stream_id = client.create(prompt=RED)
@@ -230,7 +246,7 @@ def test_without_the_token_every_call_is_401_and_a_stream_is_requested_once(serv
 
 
 def test_the_page_is_served_without_a_token(server):
-    client, _ = server
+    client, _, _ = server
     connection = http.client.HTTPConnection("127.0.0.1", client.port, timeout=30)
     connection.request("GET", "/")
     reply = connection.getresponse()
@@ -238,10 +254,36 @@ def test_the_page_is_served_without_a_token(server):
     assert reply.status == 200 and "/v1/streams" in page and 'id="video"' in page
 
 
+def test_the_page_plays_a_stream_in_headless_chromium(server, tmp_path):
+    """The page at / in a real browser: the token and a stream 12x the clip typed in, Start clicked;
+    every frame is painted on its canvas and the numbers shown."""
+    from tests.browser import Page
+
+    client, _, _ = server
+    frames = 48
+    fill = "; ".join(f"document.getElementById('{key}').value = '{value}'"
+                     for key, value in {"token": TOKEN, "frames": frames, "window": 3, "prompt": BLUE}.items())
+    with Page(900, 640) as page:
+        page.open(f"http://127.0.0.1:{client.port}/")
+        assert page.wait_for("document.readyState === 'complete' && !!document.getElementById('start')", 60)
+        page.evaluate(f"{fill}; document.getElementById('start').click(); true")
+        state = page.wait_for("['done', 'failed', 'refused'].includes(document.getElementById('state').textContent) "
+                              "&& document.getElementById('state').textContent", 120)
+        painted = int(page.evaluate("document.getElementById('count').textContent"))
+        first_ms = float(page.evaluate("document.getElementById('first').textContent"))
+        lit = page.evaluate("""(() => {
+            const c = document.getElementById('video'), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let n = 0; for (let i = 0; i < d.length; i += 4) n += (d[i] + d[i + 1] + d[i + 2]) > 0; return [c.width, n]; })()""")
+        shot = page.screenshot(tmp_path / "serve.png")
+    assert state == "done" and painted == frames, (state, painted)
+    assert 0 < first_ms < 60_000 and lit[0] == 32 and lit[1] > 0.5 * 32 * 32, (first_ms, lit)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
 def test_a_replica_killed_mid_stream_ends_it_with_an_error_and_the_next_stream_is_served(server, ray_cluster):
     from ray.util.state import list_actors
 
-    client, gen = server
+    client, gen, _ = server
     reply = client.open(client.create(prompt=RED, frames=512, window=3))
     parts = read_parts(chunks(reply))
     next(parts)
