@@ -126,7 +126,8 @@ class StreamReplica:
         `_produce` into a queue at most `AHEAD_BLOCKS` deep, so the next block is being made while
         Serve carries this one's parts to the client (a generator that makes a block only when asked
         for its next part runs at the pace of the transport), and the blocks that are ready when the
-        transport asks leave together, as one chunk: Serve's cost is per chunk, ~15 ms on 2 busy cores."""
+        transport asks leave together, as one chunk (fewer hops through Serve when the client is the
+        slower side)."""
         from pipeline.live import LiveStream
 
         stats: dict[str, Any] = {"frames": 0, "blocks": 0, "switches": 0}

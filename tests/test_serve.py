@@ -245,6 +245,19 @@ def test_without_the_token_every_call_is_401_and_a_stream_is_requested_once(serv
     assert status == 409
 
 
+def test_a_client_with_too_many_open_streams_gets_429_until_it_stops_one(server):
+    client, _, _ = server
+    opened = []
+    while (reply := client.call("POST", "/v1/streams", {"prompt": RED}))[0] == 201:
+        opened.append(reply[1]["id"])
+        assert len(opened) <= 8  # serve.max_streams_per_client
+    assert reply[0] == 429 and reply[1]["field"] == "client" and len(opened) == 8, (reply, len(opened))
+    assert client.call("DELETE", f"/v1/streams/{opened.pop()}")[0] == 200  # a stream never started ends at once
+    opened.append(client.create(prompt=RED))
+    for stream_id in opened:
+        assert client.call("DELETE", f"/v1/streams/{stream_id}")[0] == 200
+
+
 def test_the_page_is_served_without_a_token(server):
     client, _, _ = server
     connection = http.client.HTTPConnection("127.0.0.1", client.port, timeout=30)
