@@ -38,8 +38,11 @@ class Page:
         self.profile = tempfile.mkdtemp(prefix="oneforce-chromium-")
         self.port = _free_port()
         self.process = subprocess.Popen(
+            # No background networking: the machines this runs on reach no outside host, and each refused
+            # connection (updates, sync, QUIC) is noise at best.
             [chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--disable-dev-shm-usage",
-             f"--user-data-dir={self.profile}", f"--remote-debugging-port={self.port}", f"--window-size={width},{height}",
+             "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={self.profile}", f"--remote-debugging-port={self.port}", f"--window-size={width},{height}",
              "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
