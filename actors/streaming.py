@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
-from pipeline.streaming import CONTENT_TYPE, FORMATS, Limits, RequestError, check_prompt, encode_frame, json_part, parse_request, part
+from pipeline.streaming import CONTENT_TYPE, FORMATS, Limits, RequestError, encode_frame, json_part, parse_request, parse_switch, part
 
 UNCLAIMED_TTL_S = 120  # a stream created and never requested frees its client's slot after this
 AHEAD_BLOCKS = 4  # blocks a replica makes ahead of what it has handed to Serve
@@ -59,7 +59,7 @@ class StreamRegistry:
             raise RequestError("client", f"{open_} streams open from {client}, the limit is {self.max_per_client}", status=429)
         stream_id = uuid.uuid4().hex
         self.streams[stream_id] = {"request": request, "client": client, "state": "created", "created": time.time(),
-                                   "prompt": None, "stop": False, "stats": {}}
+                                   "prompts": [], "stop": False, "stats": {}}
         return stream_id
 
     def claim(self, stream_id: str) -> dict[str, Any]:
@@ -69,11 +69,12 @@ class StreamRegistry:
         stream["state"] = "streaming"
         return stream["request"]
 
-    def switch(self, stream_id: str, prompt: str) -> None:
+    def switch(self, stream_id: str, prompt: str, at_block: int | None) -> None:
+        """`prompt` from the next block the replica starts, or from block `at_block` (scripted)."""
         stream = self._get(stream_id)
         if stream["state"] == "finished":
             raise RequestError("id", f"stream {stream_id} has finished", status=409)
-        stream["prompt"] = prompt
+        stream["prompts"].append((-1 if at_block is None else at_block, prompt))
 
     def stop(self, stream_id: str) -> None:
         stream = self._get(stream_id)
@@ -81,11 +82,13 @@ class StreamRegistry:
         if stream["state"] == "created":
             stream["state"] = "finished"
 
-    def poll(self, stream_id: str) -> dict[str, Any]:
-        """For the replica between blocks: a new prompt (once) and whether to stop."""
+    def poll(self, stream_id: str, block: int) -> dict[str, Any]:
+        """For the replica before it makes `block`: the prompt it takes from there (the last one due,
+        once) and whether to stop."""
         stream = self._get(stream_id)
-        prompt, stream["prompt"] = stream["prompt"], None
-        return {"prompt": prompt, "stop": stream["stop"]}
+        due = [p for p in stream["prompts"] if p[0] <= block]
+        stream["prompts"] = [p for p in stream["prompts"] if p[0] > block]
+        return {"prompt": due[-1][1] if due else None, "stop": stream["stop"]}
 
     def finish(self, stream_id: str, stats: dict[str, Any]) -> None:
         stream = self._get(stream_id)
@@ -173,7 +176,7 @@ class StreamReplica:
         """Make the stream's blocks into `blocks` (then None, or the error). The registry is asked for a
         switch or a stop while the block before is made, and its answer applies to the next block: its
         round trip (a Serve call, milliseconds) is not added to every block's time."""
-        asked = asyncio.ensure_future(self.registry.poll.remote(stream_id))
+        asked = asyncio.ensure_future(self.registry.poll.remote(stream_id, 0))
         try:
             while not live.done:
                 control = await asked
@@ -183,7 +186,7 @@ class StreamReplica:
                 if control["prompt"] is not None:
                     live.switch_prompt(control["prompt"])
                     stats["switches"] += 1
-                asked = asyncio.ensure_future(self.registry.poll.remote(stream_id))
+                asked = asyncio.ensure_future(self.registry.poll.remote(stream_id, live.blocks + 1))
                 # Made and encoded in a thread: the event loop keeps relaying parts and answering Serve.
                 images, held = await asyncio.to_thread(self._block, live, fmt)
                 stats["blocks"] = live.blocks
@@ -305,11 +308,11 @@ class StreamIngress:
                 body = await request.json()
             except ValueError:
                 raise RequestError("body", "must be JSON") from None
-            prompt = check_prompt(body.get("prompt") if isinstance(body, dict) else None, self.limits)
-            await self._call(self.registry.switch, stream_id, prompt)
+            prompt, at_block = parse_switch(body, self.limits)
+            await self._call(self.registry.switch, stream_id, prompt, at_block)
         except RequestError as err:
             return _error(err)
-        return JSONResponse({"id": stream_id, "prompt": prompt})
+        return JSONResponse({"id": stream_id, "prompt": prompt, "at_block": at_block})
 
     @app.get("/v1/streams/{stream_id}/status")
     async def status(self, stream_id: str, request: Request) -> JSONResponse:

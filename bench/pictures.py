@@ -2,7 +2,7 @@
 
     python bench/pictures.py strip        # docs/strip.png: teacher vs one-step student vs DMD-only, same prompts and noise
     python bench/pictures.py mlflow       # docs/mlflow_distill.png: the MLflow UI on the quickstart's store
-    python bench/pictures.py serve        # docs/serve.png: the streaming page playing the quickstart's student
+    python bench/pictures.py serve        # docs/serve.png: the streaming page playing the shipped toy student
     python bench/pictures.py all --store /tmp/qs-src/runs/quickstart/mlflow.db
 
 `strip` reads the clips bench/claims.py graded (runs/claims/videos/: the teacher's multi-step sampler, the
@@ -14,8 +14,8 @@ opens the distillation run's metric charts in headless Chromium (the Debian `chr
 over the DevTools protocol (tests/browser.py: aiohttp's websocket, which Ray installs) so it can wait for
 the charts to draw, saves a screenshot and stops the browser and the server.
 
-`serve` starts jobs/serve.py's application on a local Ray over a student export (the quickstart's unless
---checkpoint), starts a stream from its page and takes the screenshot while frames arrive.
+`serve` starts jobs/serve.py's application on a local Ray over a student export (the shipped toy student
+unless --checkpoint), starts a stream from its page and takes the screenshot while frames arrive.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mlflow-out", default="docs/mlflow_distill.png")
     parser.add_argument("--size", default="1400x1300", help="browser window, WxH")
     parser.add_argument("--wait", type=float, default=90, help="at most this many seconds for the charts to draw")
-    parser.add_argument("--checkpoint", default="runs/quickstart/distill/export", help="the student the streaming page shows")
+    parser.add_argument("--checkpoint", default="pipeline/assets/toy_student", help="the student the streaming page shows")
     parser.add_argument("--serve-out", default="docs/serve.png")
     args = parser.parse_args(argv)
     os.chdir(REPO)

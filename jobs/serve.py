@@ -1,7 +1,7 @@
 """The streaming server: a Ray Serve application that streams a one-step student's frames as each block
 is made, with a prompt that can change mid-stream, and a page that plays them.
 
-    python jobs/serve.py --checkpoint runs/toy_distill/export                   # http://127.0.0.1:8000/
+    python jobs/serve.py --checkpoint pipeline/assets/toy_student                # http://127.0.0.1:8000/
     ray job submit --working-dir . -- python jobs/serve.py --checkpoint s3://bucket/export --config configs/wan_1_3b_framewise.yaml
 
 Any checkpoint `jobs/generate.py` accepts; an export's own settings come first, then --config and the
@@ -9,7 +9,7 @@ overrides. The HTTP API (JSON errors name their field, with a 4xx status):
 
     POST   /v1/streams               {"prompt": ..., "seed"?, "frames"?, "window"?, "sink_frames"?} -> 201 {"id": ...}
     GET    /v1/streams/{id}          the frames, multipart JPEG (?format=png), one part per frame, then a JSON part
-    POST   /v1/streams/{id}/prompt   {"prompt": ...}: the next block on follows it
+    POST   /v1/streams/{id}/prompt   {"prompt": ..., "at_block"?}: the next block the replica starts (or that block) on follows it
     GET    /v1/streams/{id}/status   its state and, once finished, its numbers
     DELETE /v1/streams/{id}          stops it after the block being made; the replica takes the next stream
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import fsspec
@@ -36,6 +37,12 @@ from pipeline.models.text import TextEncoder
 from pipeline.models.wan_weights import load_wan
 from pipeline.rollout import inference_schedule, iter_blocks, rollout, training_steps
 from pipeline.storage import node_cache
+
+
+# The one-step toy student that `python jobs/quickstart.py` (full settings) trained from the shipped
+# toy teacher, exported at step 600: adherence 1.00 on the 96 prompts (its table: bench/RESULTS.md). The
+# streaming server's tests and the README's first `jobs/serve.py` command use it.
+SHIPPED_STUDENT = Path(__file__).parent / "assets" / "toy_student"
 
 
 @dataclass

@@ -109,6 +109,20 @@ def parse_request(body: Any, limits: Limits) -> StreamRequest:
     return StreamRequest(prompt, seed, blocks, window, sink)
 
 
+def parse_switch(body: Any, limits: Limits) -> tuple[str, int | None]:
+    """`POST /v1/streams/{id}/prompt`'s body: {prompt, at_block?}; without `at_block` the switch applies
+    from the next block the replica starts, with it from that block (a scripted change)."""
+    if not isinstance(body, dict):
+        raise RequestError("body", "must be a JSON object")
+    unknown = sorted(set(body) - {"prompt", "at_block"})
+    if unknown:
+        raise RequestError(unknown[0], "unknown field (known: prompt, at_block)")
+    prompt = check_prompt(body.get("prompt"), limits)
+    if body.get("at_block") is None:
+        return prompt, None
+    return prompt, _integer(body, "at_block", 0, 0, limits.max_blocks - 1)
+
+
 def encode_frame(frame: np.ndarray, fmt: str, quality: int) -> bytes:
     """One (H, W, 3) frame in [0, 1] as JPEG or PNG bytes."""
     from PIL import Image

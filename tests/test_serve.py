@@ -16,13 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.generation import ClipGenerator
+from pipeline.checkpoint import export_settings
+from pipeline.config import load_config
+from pipeline.generation import SHIPPED_STUDENT, ClipGenerator
 from pipeline.live import LiveStream
 from pipeline.streaming import RequestError, read_parts
-from tests.test_generation import generation_config, save_toy_checkpoint
+from pipeline.toyworld.grader import grade_clip
 
 REPO = Path(__file__).resolve().parents[1]
 RED, BLUE = "a red square moving left, fast", "a blue circle moving up, slow"
+EXPORT = str(SHIPPED_STUDENT)  # trained: the toy grader reads what it streams
+WORLD = load_config(str(REPO / "configs" / "toy_teacher.yaml")).world  # the world it was trained in
 TOKEN = "serve-test-token"
 SERVE = ["serve.max_queued_streams=1", "serve.resources={CPU: 0.5}", "serve.max_blocks=512", "serve.max_streams_per_client=8",
          "generate.max_prompt_chars=200"]
@@ -78,13 +82,8 @@ def jpeg_round_trip(frame: np.ndarray, quality: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory) -> Path:
-    return save_toy_checkpoint(tmp_path_factory.mktemp("serve_ckpt"))
-
-
-@pytest.fixture(scope="module")
-def server(ray_local, ray_cluster, export, tmp_path_factory):
-    """The application deployed on the session's cluster with a bearer token, logging to MLflow;
+def server(ray_local, ray_cluster, tmp_path_factory):
+    """The shipped toy student served on the session's cluster with a bearer token, logging to MLflow;
     (client, generator, MLflow store) where the generator is the same export loaded here, as the
     reference."""
     from ray import serve
@@ -93,16 +92,16 @@ def server(ray_local, ray_cluster, export, tmp_path_factory):
     from tests.conftest import _free_port
 
     store = f"sqlite:///{tmp_path_factory.mktemp('serve_mlflow') / 'mlflow.db'}"
-    cfg = generation_config(*SERVE, f"serve.port={_free_port()}", f"ray.address={ray_cluster[0]}", "serve.log_to_mlflow=true",
-                            f"tracking.tracking_uri={store}", "tracking.experiment=serve")
+    cfg = load_config(None, [*SERVE, f"serve.port={_free_port()}", f"ray.address={ray_cluster[0]}", "serve.log_to_mlflow=true",
+                             f"tracking.tracking_uri={store}", "tracking.experiment=serve"], base=export_settings(EXPORT))
     os.environ[cfg.serve.auth_env] = TOKEN
     try:
-        url = job.start(cfg, str(export))
+        url = job.start(cfg, EXPORT)
     finally:
         os.environ.pop(cfg.serve.auth_env)
     assert url == f"http://127.0.0.1:{cfg.serve.port}/"
     try:
-        yield Client(cfg.serve.port), ClipGenerator.load(str(export), cfg), store
+        yield Client(cfg.serve.port), ClipGenerator.load(EXPORT, cfg), store
     finally:
         serve.shutdown()
 
@@ -146,7 +145,7 @@ def test_a_prompt_switch_mid_stream_keeps_the_past_and_follows_the_new_prompt(se
     for part in read_parts(chunks(reply)):
         parts.append(part)
         if len(parts) == 1:
-            assert client.call("POST", f"/v1/streams/{stream_id}/prompt", {"prompt": BLUE}) == (200, {"id": stream_id, "prompt": BLUE})
+            assert client.call("POST", f"/v1/streams/{stream_id}/prompt", {"prompt": BLUE})[0] == 200
         elif not stopped and part.headers.get("x-prompt") == "1" and int(part.headers["x-block"]) >= switched_at(parts) + 2:
             assert client.call("DELETE", f"/v1/streams/{stream_id}")[0] == 200
             stopped = True
@@ -166,12 +165,34 @@ def test_a_prompt_switch_mid_stream_keeps_the_past_and_follows_the_new_prompt(se
     assert status == 200 and body["state"] == "finished" and body["stats"]["stopped"]
 
 
+def test_a_switch_scheduled_at_a_block_keeps_the_past_and_grades_as_the_new_prompt(server):
+    """A switch to BLUE at block 4 of the clip, sent before the frames are asked for: frames 0-3 are
+    RED's clip; all equal the in-process stream switched there; the toy grader reads RED's colour and
+    shape before the switch and BLUE's after it."""
+    client, gen, _ = server
+    stream_id = client.create(prompt=RED, seed=1)
+    assert client.call("POST", f"/v1/streams/{stream_id}/prompt", {"prompt": BLUE, "at_block": 4}) == (
+        200, {"id": stream_id, "prompt": BLUE, "at_block": 4})
+    parts, _ = stream_parts(client, stream_id)
+    frames = np.stack([frame_of(p) for p in parts[:-1]])
+    assert [int(p.headers["x-prompt"]) for p in parts[:-1]] == [0] * 4 + [1] * 5
+    np.testing.assert_allclose(frames[:4], np.rint(gen.generate(RED, 1)[:4] * 255) / 255, atol=1e-6)
+    live, want = LiveStream(gen, RED, 1), []
+    for block in range(9):
+        if block == 4:
+            live.switch_prompt(BLUE)
+        want.append(live.next_frames())
+    np.testing.assert_allclose(frames, np.rint(np.concatenate(want) * 255) / 255, atol=1e-6)
+    before, after = grade_clip(frames[:4], RED, WORLD), grade_clip(frames[4:], BLUE, WORLD)
+    assert before.colour_ok and before.shape_ok and after.colour_ok and after.shape_ok, (before, after)
+
+
 def switched_at(parts) -> int:
     """The first block made under the switched prompt (frames_per_block is 1 here)."""
     return next((int(p.headers["x-block"]) for p in parts if p.headers.get("x-prompt") == "1"), 10**9)
 
 
-def test_a_long_stream_with_a_window_holds_flat_memory(server):
+def test_a_long_stream_with_a_window_holds_flat_memory_and_follows_its_prompt(server):
     client, gen, _ = server
     blocks = 4 * gen.settings.num_blocks
     parts, _ = stream_parts(client, client.create(prompt=BLUE, seed=1, frames=blocks, window=3, sink_frames=1))
@@ -179,6 +200,10 @@ def test_a_long_stream_with_a_window_holds_flat_memory(server):
     held = [int(p.headers["x-held-bytes"]) for p in frames]
     assert len(frames) == blocks and end.json()["frames"] == blocks
     assert held[-1] == held[blocks // 3] > 0, held  # once the window is full, nothing grows
+    clip = np.stack([frame_of(p) for p in frames])
+    for start in range(0, blocks, gen.settings.num_blocks):  # each clip-length stretch, to the end
+        score = grade_clip(clip[start:start + gen.settings.num_blocks], BLUE, WORLD)
+        assert score.colour_ok and score.shape_ok, (start, score)
 
 
 def test_each_stream_s_numbers_reach_the_replica_s_mlflow_run(server):
@@ -191,7 +216,7 @@ def test_each_stream_s_numbers_reach_the_replica_s_mlflow_run(server):
     history = mlflow.MlflowClient(store).get_metric_history(runs[0].info.run_id, "first_frame_ms")
     assert history and all(m.value > 0 for m in history) and sorted(m.step for m in history) == list(range(len(history)))
     frames = mlflow.MlflowClient(store).get_metric_history(runs[0].info.run_id, "frames")
-    assert max(frames, key=lambda m: m.step).value == 4  # this stream's: the clip's 4 frames
+    assert max(frames, key=lambda m: m.step).value == 9  # this stream's: the clip's 9 frames
 
 
 def test_a_full_queue_is_503_at_once_and_the_stream_ahead_is_unharmed(server):
@@ -216,13 +241,14 @@ def test_a_full_queue_is_503_at_once_and_the_stream_ahead_is_unharmed(server):
     ("POST", "/v1/streams", {"prompt": ""}, 400, "prompt"),
     ("POST", "/v1/streams", {"prompt": "x" * 201}, 400, "prompt"),
     ("POST", "/v1/streams", {"prompt": RED, "frames": 10_000}, 400, "frames"),
-    ("POST", "/v1/streams", {"prompt": RED, "frames": 8}, 400, "frames"),  # past the clip without a window
+    ("POST", "/v1/streams", {"prompt": RED, "frames": 16}, 400, "frames"),  # past the clip without a window
     ("POST", "/v1/streams", {"prompt": RED, "frames": 8, "window": 3, "sink_frames": 3}, 400, "sink_frames"),
     ("POST", "/v1/streams", {"prompt": RED, "seed": "one"}, 400, "seed"),
     ("POST", "/v1/streams", {"prompt": RED, "colour": "red"}, 400, "colour"),
     ("POST", "/v1/streams", b"{not json", 400, "body"),
     ("GET", "/v1/streams/nope", None, 404, "id"),
     ("POST", "/v1/streams/nope/prompt", {"prompt": BLUE}, 404, "id"),
+    ("POST", "/v1/streams/nope/prompt", {"prompt": BLUE, "at_block": -1}, 400, "at_block"),
     ("DELETE", "/v1/streams/nope", None, 404, "id"),
 ])
 def test_bad_requests_are_one_line_json_naming_the_field(server, method, path, body, status, field):
