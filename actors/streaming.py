@@ -216,6 +216,23 @@ def _error(err: RequestError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
+async def _json_body(request: Request, limits: Limits) -> Any:
+    """The request's JSON, read up to a bound (a prompt at its limit, four bytes a character, and
+    room for the other fields): a larger body is refused before it is all read."""
+    import json
+
+    bound = 4 * limits.max_prompt_chars + 1024
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > bound:
+            raise RequestError("body", f"over {bound} bytes", status=413)
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise RequestError("body", "must be JSON") from None
+
+
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[-1] if text else ''}"[:300]
@@ -255,10 +272,7 @@ class StreamIngress:
     async def create(self, request: Request) -> JSONResponse:
         try:
             self._authorize(request)
-            try:
-                body = await request.json()
-            except ValueError:
-                raise RequestError("body", "must be JSON") from None
+            body = await _json_body(request, self.limits)
             parsed = parse_request(body, self.limits)
             client = request.client.host if request.client else "unknown"
             stream_id = await self._call(self.registry.create, parsed.to_dict(), client)
@@ -304,10 +318,7 @@ class StreamIngress:
     async def switch(self, stream_id: str, request: Request) -> JSONResponse:
         try:
             self._authorize(request)
-            try:
-                body = await request.json()
-            except ValueError:
-                raise RequestError("body", "must be JSON") from None
+            body = await _json_body(request, self.limits)
             prompt, at_block = parse_switch(body, self.limits)
             await self._call(self.registry.switch, stream_id, prompt, at_block)
         except RequestError as err:

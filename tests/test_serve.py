@@ -246,6 +246,7 @@ def test_a_full_queue_is_503_at_once_and_the_stream_ahead_is_unharmed(server):
     ("POST", "/v1/streams", {"prompt": RED, "seed": "one"}, 400, "seed"),
     ("POST", "/v1/streams", {"prompt": RED, "colour": "red"}, 400, "colour"),
     ("POST", "/v1/streams", b"{not json", 400, "body"),
+    ("POST", "/v1/streams", b'{"prompt": "' + b"x" * (1 << 20) + b'"}', 413, "body"),  # refused before it is all read
     ("GET", "/v1/streams/nope", None, 404, "id"),
     ("POST", "/v1/streams/nope/prompt", {"prompt": BLUE}, 404, "id"),
     ("POST", "/v1/streams/nope/prompt", {"prompt": BLUE, "at_block": -1}, 400, "at_block"),
