@@ -22,12 +22,13 @@ from pipeline.generation import SHIPPED_STUDENT, ClipGenerator
 from pipeline.live import LiveStream
 from pipeline.streaming import RequestError, read_parts
 from pipeline.toyworld.grader import grade_clip
+from tests.conftest import _SECRET_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 RED, BLUE = "a red square moving left, fast", "a blue circle moving up, slow"
 EXPORT = str(SHIPPED_STUDENT)  # trained: the toy grader reads what it streams
 WORLD = load_config(str(REPO / "configs" / "toy_teacher.yaml")).world  # the world it was trained in
-TOKEN = "serve-test-token"
+TOKEN = f"{_SECRET_PREFIX}serve-token"  # a marker: the session fails if any file it wrote holds it
 SERVE = ["serve.max_queued_streams=1", "serve.resources={CPU: 0.5}", "serve.max_blocks=512", "serve.max_streams_per_client=8",
          "generate.max_prompt_chars=200"]
 
