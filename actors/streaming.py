@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
+from pipeline.failures import cause
 from pipeline.streaming import CONTENT_TYPE, FORMATS, Limits, RequestError, encode_frame, json_part, parse_request, parse_switch, part
 
 UNCLAIMED_TTL_S = 120  # a stream created and never requested frees its client's slot after this
@@ -233,11 +234,6 @@ async def _json_body(request: Request, limits: Limits) -> Any:
         raise RequestError("body", "must be JSON") from None
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[-1] if text else ''}"[:300]
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class StreamIngress:
@@ -301,7 +297,7 @@ class StreamIngress:
                                 status_code=503)
         except Exception as err:  # the replica could not start the stream
             await self.registry.finish.remote(stream_id, {"error": str(err)})
-            return JSONResponse({"error": _one_line(err), "field": "replica"}, status_code=500)
+            return JSONResponse({"error": cause(err).line(), "field": "replica"}, status_code=500)
         return StreamingResponse(self._relay(first, parts, stream_id), media_type=CONTENT_TYPE,
                                  headers={"Cache-Control": "no-store", "X-Stream": stream_id})
 
@@ -311,8 +307,8 @@ class StreamIngress:
             async for chunk in parts:
                 yield chunk
         except Exception as err:  # the replica died mid-stream: the stream ends with the error
-            await self.registry.finish.remote(stream_id, {"error": _one_line(err)})
-            yield json_part({"error": _one_line(err)})
+            await self.registry.finish.remote(stream_id, {"error": cause(err).line()})
+            yield json_part({"error": cause(err).line()})
 
     @app.post("/v1/streams/{stream_id}/prompt")
     async def switch(self, stream_id: str, request: Request) -> JSONResponse:
