@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -102,12 +101,6 @@ def strip(videos: Path, seed: int, prompts: int, out: Path, scale: int = 4) -> P
 # ----------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def distill_run(store: str, experiment: str) -> tuple[str, str]:
     import mlflow
 
@@ -138,7 +131,7 @@ CHARTS = "document.querySelectorAll('.js-plotly-plot').length"
 
 
 def screenshot(store_file: Path, experiment: str, out: Path, width: int, height: int, wait_s: float) -> Path:
-    from tests.browser import Page
+    from tests.browser import Page, free_port
 
     store = f"sqlite:///{store_file.resolve()}"
     experiment_id, run_id = distill_run(store, experiment)
@@ -196,7 +189,7 @@ def serve_page(checkpoint: str, prompt: str, out: Path, frames: int, shown_after
     from jobs.serve import start
     from pipeline.checkpoint import export_settings
     from pipeline.config import load_config
-    from tests.browser import Page
+    from tests.browser import Page, free_port
 
     cfg = load_config(None, [f"serve.port={free_port()}", "serve.resources={CPU: 1}", f"serve.max_blocks={frames}",
                              "tracking.tracking_uri=none"], base=export_settings(checkpoint))

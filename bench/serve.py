@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -36,15 +35,11 @@ from pipeline.models.codec import PatchCodec  # noqa: E402
 from pipeline.models.text import TextEncoder  # noqa: E402
 from pipeline.models.wan_weights import WAN_CONFIGS  # noqa: E402
 from pipeline.streaming import read_parts  # noqa: E402
+from tests.browser import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red square moving left, fast"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def toy_export(root: Path, arch: str) -> Path:

@@ -24,7 +24,8 @@ def chromium() -> str:
     raise RuntimeError("no headless Chromium found: apt-get install -y chromium")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for the browser's DevTools, and the benches' servers)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -36,7 +37,7 @@ class Page:
     def __init__(self, width: int = 1000, height: int = 800) -> None:
         self.width, self.height = width, height
         self.profile = tempfile.mkdtemp(prefix="oneforce-chromium-")
-        self.port = _free_port()
+        self.port = free_port()
         self.process = subprocess.Popen(
             # No background networking: the machines this runs on reach no outside host, and each refused
             # connection (updates, sync, QUIC) is noise at best.

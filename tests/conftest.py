@@ -82,17 +82,20 @@ def _files_holding_secrets(roots: list[Path], since: float) -> list[str]:
     return found
 
 
-def _our_servers(token: str) -> list[str]:
-    me = os.getpid()
-    left = []
+def _processes_with(variable: str, value: str) -> list[tuple[psutil.Process, str]]:
+    """(process, command line) of every other process whose environment sets `variable` to `value`."""
+    me, found = os.getpid(), []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
-            command = " ".join(proc.info["cmdline"] or [])
-            if proc.info["pid"] != me and _SERVER.search(command) and proc.environ().get(_SESSION_TOKEN) == token:
-                left.append(f"pid {proc.info['pid']}: {command[:160]}")
+            if proc.info["pid"] != me and proc.environ().get(variable) == value:
+                found.append((proc, " ".join(proc.info["cmdline"] or [])))
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-    return left
+    return found
+
+
+def _our_servers(token: str) -> list[str]:
+    return [f"pid {proc.pid}: {command[:160]}" for proc, command in _processes_with(_SESSION_TOKEN, token) if _SERVER.search(command)]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -212,28 +215,16 @@ def _kill_stragglers(tag: str, grace: float = 20) -> None:
     Stopping a cluster stops all of it, as `ray stop --force` does: what is left of this one after
     `grace` is killed, and named on the terminal so that it stays visible."""
     deadline = time.time() + grace
-    while (left := _tagged(tag)) and time.time() < deadline:
+    while (left := _processes_with(_CLUSTER_TAG, tag)) and time.time() < deadline:
         time.sleep(0.5)
-    for proc in left:
+    for proc, command in left:
         try:
-            command = " ".join(proc.cmdline())[:120]
             proc.kill()
         except psutil.NoSuchProcess:
             continue
         # The real stderr: past pytest's capture, which at a session fixture's end shows nothing
-        print(f"\nkilled a process of the session's Ray cluster left after its head stopped: pid {proc.pid} {command}",
+        print(f"\nkilled a process of the session's Ray cluster left after its head stopped: pid {proc.pid} {command[:120]}",
               file=sys.__stderr__)
-
-
-def _tagged(tag: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != os.getpid() and proc.environ().get(_CLUSTER_TAG) == tag:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
 
 
 def _interruptible() -> None:
