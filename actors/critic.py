@@ -42,6 +42,7 @@ import torch
 from pipeline.config import Config, build
 from pipeline.distill import CriticBatch, Feedback, FeedbackRequest
 from pipeline.distributed import current_rank, mean_over_ranks, peak_rss_mb
+from pipeline.storage import is_local
 
 log = logging.getLogger(__name__)
 TAG = "critic"  # the DeepSpeed tag, and the sub-directory of a checkpoint the group writes
@@ -221,11 +222,17 @@ class CriticActor:
         await asyncio.to_thread(self._save, checkpoint)
 
     def _save(self, checkpoint: str) -> None:
+        """Every actor writes its part of `checkpoint`/critic (a collective). On a local or mounted
+        storage path DeepSpeed writes there directly, as the Train workers do (a copy through a
+        temporary folder cost ~10 s per true-width checkpoint); on s3:// to local disk, then uploaded."""
         import fsspec
 
         fs, root = fsspec.core.url_to_fs(checkpoint)
+        if is_local(fs):
+            self.critic.critic.engine.save_checkpoint(root, tag=TAG, save_latest=False)
+            return
         with tempfile.TemporaryDirectory(prefix="oneforce-critic-") as tmp:
-            self.critic.critic.engine.save_checkpoint(tmp, tag=TAG)  # a collective: every actor saves its part
+            self.critic.critic.engine.save_checkpoint(tmp, tag=TAG, save_latest=False)
             fs.makedirs(f"{root}/{TAG}", exist_ok=True)
             for name in sorted(os.listdir(f"{tmp}/{TAG}")):
                 fs.put_file(f"{tmp}/{TAG}/{name}", f"{root}/{TAG}/{name}")
