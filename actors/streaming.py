@@ -307,8 +307,9 @@ class StreamIngress:
             async for chunk in parts:
                 yield chunk
         except Exception as err:  # the replica died mid-stream: the stream ends with the error
-            await self.registry.finish.remote(stream_id, {"error": cause(err).line()})
-            yield json_part({"error": cause(err).line()})
+            line = cause(err).line()
+            await self.registry.finish.remote(stream_id, {"error": line})
+            yield json_part({"error": line})
 
     @app.post("/v1/streams/{stream_id}/prompt")
     async def switch(self, stream_id: str, request: Request) -> JSONResponse:

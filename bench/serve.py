@@ -41,7 +41,6 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red square moving left, fast"
 
 
-
 def toy_export(root: Path, arch: str) -> Path:
     torch.manual_seed(0)
     CausalWanModel(**WAN_CONFIGS[arch]).save_pretrained(root / "transformer")

@@ -25,7 +25,7 @@ def chromium() -> str:
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for the browser's DevTools, and the benches' servers)."""
+    """A free TCP port on 127.0.0.1: the browser's DevTools, the suite's servers (Ray, moto, MLflow, Serve), the benches'."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

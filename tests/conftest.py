@@ -20,6 +20,7 @@ import torch
 
 from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.wan_weights import WAN_CONFIGS
+from tests.browser import free_port
 
 # Ray Train's controller looks at its workers every 2 s by default, so a run that has finished waits up
 # to 2 s more to be noticed; the suite runs ~30 short runs, on Ray clusters that inherit this process's
@@ -133,18 +134,12 @@ def leaves_nothing_behind(tmp_path_factory):
         pytest.fail("the tests left things behind:\n" + "\n".join(problems), pytrace=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3-compatible server (moto) on 127.0.0.1 with a bucket `oneforce-test`; yields the
     environment that fsspec/s3fs/boto read, already exported into os.environ, with the node cache of
     downloaded weights (ONEFORCE_CACHE) in the session's temporary folder."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -185,7 +180,7 @@ def ray_cluster(s3_server, tmp_path_factory):
 
     `--block` keeps `ray start` in the foreground, so stopping it stops this cluster's processes
     only (`ray stop` would stop every Ray on the machine)."""
-    gcs, dashboard, agent = _free_port(), _free_port(), _free_port()
+    gcs, dashboard, agent = free_port(), free_port(), free_port()
     # Its own temp dir: the address file a head writes there (ray_current_cluster) would otherwise
     # outlive it in /tmp/ray and send every later `ray.init()` on the machine to a dead cluster.
     temp = tmp_path_factory.mktemp("ray")

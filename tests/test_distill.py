@@ -194,9 +194,9 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     (multiprocessing's Manager) would inherit the Ray driver's threads and break its later calls."""
     import torch.multiprocessing as mp
 
-    from tests.conftest import _free_port
+    from tests.browser import free_port
 
-    mp.spawn(_all_finite_on_two_ranks, args=(_free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_all_finite_on_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2)
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[True, False], [True, False]]
 
 

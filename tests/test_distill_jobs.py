@@ -18,7 +18,7 @@ import yaml
 
 from pipeline.tracking import check_reachable
 from pipeline.video import read_video
-from tests.conftest import _free_port
+from tests.browser import free_port
 from tests.test_ray_jobs import REPO, submit
 from tests.toy_datasets import FRAMES, write_toy_debug_dataset
 
@@ -71,7 +71,7 @@ def mlflow_server(s3_server, tmp_path):
     cluster's nodes. Yields its URI; stopped with its workers at the end."""
     from tests.conftest import SECRETS
 
-    port, home = _free_port(), tmp_path / "mlflow-home"
+    port, home = free_port(), tmp_path / "mlflow-home"
     credentials = tmp_path / "mlflow.env"
     credentials.write_text("".join(f"{k}={SECRETS[k]}\n" for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")))
     credentials.chmod(0o600)
@@ -146,7 +146,7 @@ def test_distill_by_ray_job_submit_then_resumed_in_the_same_mlflow_run(ray_clust
 
 def test_an_unreachable_tracking_server_is_one_line_before_anything_starts(tmp_path):
     write_toy_debug_dataset(tmp_path / "data")
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     config = job_config(tmp_path, "unreachable", tracking={"tracking_uri": uri})
     result = subprocess.run([sys.executable, "jobs/distill.py", "--config", str(config)], capture_output=True, text=True,
                             timeout=120, cwd=REPO)

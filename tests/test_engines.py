@@ -76,9 +76,9 @@ def test_master_weights_shares_and_their_gather_on_two_ranks(tmp_path):
     """Spawned, reporting through files (a fork would inherit the session's Ray driver threads)."""
     import torch.multiprocessing as mp
 
-    from tests.conftest import _free_port
+    from tests.browser import free_port
 
-    mp.spawn(_engines_on_two_ranks, args=(_free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_engines_on_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         failed = [f"{case}: {check}" for case, checks in results.items() for check, ok in checks.items() if not ok]

@@ -29,9 +29,10 @@ from pipeline.config import ModelConfig
 from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.loading import check_weights
 from pipeline.models.wan_weights import WAN_CONFIGS
-from tests.wan_releases import diffusers_dit_to_original
 from pipeline.storage import StorageError, check_exists, check_writable
+from tests.browser import free_port
 from tests.test_preprocess import _config
+from tests.wan_releases import diffusers_dit_to_original
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PREPROCESS = [
@@ -334,7 +335,7 @@ def test_s3_missing_bucket_wrong_keys_and_no_credentials_are_named(fresh_s3, tmp
     with pytest.raises(StorageError, match=r"^data.output=s3://no-such-bucket/out: bucket missing$"):
         check_writable("s3://no-such-bucket/out", "data.output")
 
-    port = _free_port()
+    port = free_port()
     strict = _moto(port, INITIAL_NO_AUTH_ACTION_COUNT="0")  # moto checks the keys only when asked to
     try:
         _point_s3_at(fresh_s3, f"http://127.0.0.1:{port}")
@@ -355,7 +356,7 @@ def test_s3_missing_bucket_wrong_keys_and_no_credentials_are_named(fresh_s3, tmp
 
 
 def test_a_stopped_s3_server_is_one_line_within_seconds(fresh_s3, tmp_path):
-    port = _free_port()
+    port = free_port()
     _moto(port).terminate()  # started and stopped: nothing listens there any more
     endpoint = f"http://127.0.0.1:{port}"
     _point_s3_at(fresh_s3, endpoint)
@@ -371,12 +372,6 @@ def test_a_stopped_s3_server_is_one_line_within_seconds(fresh_s3, tmp_path):
                                      "tracking.tracking_uri=none"], tmp_path / "logs", timeout=120, AWS_ENDPOINT_URL=endpoint, AWS_ENDPOINT_URL_S3=endpoint)
     assert result.returncode == 2 and error_line(result).startswith(f"error: --prompts=s3://oneforce-test/p.txt: endpoint unreachable ({endpoint}")
     assert time.time() - start < 60  # Python, torch and Ray imports included
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_exit_code_2_is_bad_input_not_an_interrupt():

@@ -90,10 +90,10 @@ def server(ray_local, ray_cluster, tmp_path_factory):
     from ray import serve
 
     from jobs import serve as job
-    from tests.conftest import _free_port
+    from tests.browser import free_port
 
     store = f"sqlite:///{tmp_path_factory.mktemp('serve_mlflow') / 'mlflow.db'}"
-    cfg = load_config(None, [*SERVE, f"serve.port={_free_port()}", f"ray.address={ray_cluster[0]}", "serve.log_to_mlflow=true",
+    cfg = load_config(None, [*SERVE, f"serve.port={free_port()}", f"ray.address={ray_cluster[0]}", "serve.log_to_mlflow=true",
                              f"tracking.tracking_uri={store}", "tracking.experiment=serve"], base=export_settings(EXPORT))
     os.environ[cfg.serve.auth_env] = TOKEN
     try:
