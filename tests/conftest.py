@@ -47,8 +47,10 @@ _CLUSTER_TAG = "ONEFORCE_TEST_CLUSTER"  # which Ray cluster of the session a pro
 _SERVER = re.compile(r"ray start|raylet|gcs_server|ray::|ray/dashboard|log_monitor|runtime_env|moto\.server|mlflow|gunicorn|uvicorn")
 # What the stack writes to the temp folder when it ignores TMPDIR (Ray's session and lock folders,
 # multiprocessing's, tempfile's, ours, torch's compile cache, MLflow's): new ones in the machine's /tmp
-# or /dev/shm fail the run. (Other programs' files in a shared /tmp are not the suite's business.)
+# or /dev/shm (where MLflow's server puts its job queues) fail the run. (Other programs' files in a shared
+# /tmp are not the suite's business.)
 _OURS_IN_TMP = re.compile(r"ray|_ray_lockfiles|pymp-.*|tmp.*|oneforce.*|torchinductor_.*|mlflow.*")
+_SHM = Path("/dev/shm")
 
 
 # Credentials every process of the session sees, as a cluster's nodes see theirs (cluster.yaml exports the
@@ -99,58 +101,20 @@ def _our_servers(token: str) -> list[str]:
     return [f"pid {proc.pid}: {command[:160]}" for proc, command in _processes_with(_SESSION_TOKEN, token) if _SERVER.search(command)]
 
 
-# The true-width tier writes ~5 GB (teacher shards, a DeepSpeed checkpoint, the node cache's downloads).
-# On CI's kind of machine (a small VM) the disk takes a write at page-cache speed at some moments and at
-# 70-100 MB/s at others (600 MB: 0.15 s or 7-9 s, minutes apart), so those files could cost a minute:
-# they go to a RAM-backed folder when the machine has room for them beside the tier's processes.
-_RAM_FOLDER, _RAM_NEEDED = Path("/dev/shm"), 8 << 30
-_MEMORY_NEEDED = 16 << 30  # the files plus the tier's processes (~8 GB at its peak)
-
-
-def _ram_folder() -> Path | None:
-    try:
-        room = shutil.disk_usage(_RAM_FOLDER).free
-    except OSError:
-        return None
-    return _RAM_FOLDER if room >= _RAM_NEEDED and psutil.virtual_memory().available >= _MEMORY_NEEDED else None
-
-
-@pytest.fixture(scope="session")
-def bulk_root(tmp_path_factory) -> Path:
-    """Where tests put gigabytes (see _RAM_FOLDER): a folder of the session's own in RAM, removed at
-    its end, or pytest's temporary folder when the machine has no room in RAM."""
-    ram = _ram_folder()
-    if ram is None:
-        yield tmp_path_factory.mktemp("bulk")
-        return
-    root = Path(tempfile.mkdtemp(prefix="oneforce-tests-bulk-", dir=ram))
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def bulk_tmp_path(bulk_root, request) -> Path:
-    """tmp_path for a test that writes gigabytes, in bulk_root; removed when the test ends."""
-    path = Path(tempfile.mkdtemp(prefix=f"{request.node.name[:40]}-", dir=bulk_root))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture(scope="session", autouse=True)
-def leaves_nothing_behind(tmp_path_factory, bulk_root):
+def leaves_nothing_behind(tmp_path_factory):
     """Every process the suite starts gets the session's own temporary folder (TMPDIR, which Ray,
     multiprocessing and tempfile honour), removed at the end, as pytest's tmp_path folders are kept in
     its own; the session fails (an error at its end) when the tests left a server running or wrote
-    into the machine's temp folder past TMPDIR (or into /dev/shm), or when a file it wrote holds one of the SECRETS (in the
-    tests' folders and bulk_root, the session's temp folder, Ray's logs there, MLflow's stores, the jobs' logs).
+    into the machine's temp folder past TMPDIR (or into /dev/shm), or when a file it wrote holds one
+    of the SECRETS (in the tests' folders, the session's temp folder, Ray's logs there, MLflow's
+    stores, the jobs' logs).
     Session fixtures stop in the reverse order they started and this one starts first, so the shared
     Ray head and the S3 server are down when it looks."""
     from pipeline.failures import log_dir
 
     basetemp = tmp_path_factory.getbasetemp()  # pytest's folders stay where pytest keeps them (short paths: Ray's sockets)
-    shared = [Path(tempfile.gettempdir()), *([_RAM_FOLDER] if _RAM_FOLDER.is_dir() else [])]  # MLflow's server uses /dev/shm
+    shared = [Path(tempfile.gettempdir()), *([_SHM] if _SHM.is_dir() else [])]
     before, token, started = {d: set(os.listdir(d)) for d in shared}, f"{os.getpid()}-{time.time()}", time.time()
     session_tmp = tempfile.mkdtemp(prefix="oneforce-tests-")
     saved = os.environ.get("TMPDIR"), tempfile.tempdir
@@ -164,7 +128,7 @@ def leaves_nothing_behind(tmp_path_factory, bulk_root):
     deadline = time.time() + 60  # processes of a stopped Ray exit within seconds of their head
     while (servers := _our_servers(token)) and time.time() < deadline:
         time.sleep(1)
-    leaks = _files_holding_secrets([basetemp, bulk_root, Path(session_tmp), log_dir()], started)
+    leaks = _files_holding_secrets([basetemp, Path(session_tmp), log_dir()], started)
     shutil.rmtree(session_tmp, ignore_errors=True)
     new = [f"{d}/{name}" for d in shared for name in sorted(set(os.listdir(d)) - before[d]) if _OURS_IN_TMP.fullmatch(name)]
     problems = [f"server still running: {s}" for s in servers] + [f"left behind: {path}" for path in new]
@@ -174,10 +138,10 @@ def leaves_nothing_behind(tmp_path_factory, bulk_root):
 
 
 @pytest.fixture(scope="session")
-def s3_server(bulk_root):
+def s3_server(tmp_path_factory):
     """A real S3-compatible server (moto) on 127.0.0.1 with a bucket `oneforce-test`; yields the
     environment that fsspec/s3fs/boto read, already exported into os.environ, with the node cache of
-    downloaded weights (ONEFORCE_CACHE) in bulk_root (the true-width tier's downloads are ~1 GB)."""
+    downloaded weights (ONEFORCE_CACHE) in the session's temporary folder."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -187,7 +151,7 @@ def s3_server(bulk_root):
     env = {
         "AWS_ACCESS_KEY_ID": SECRETS["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": SECRETS["AWS_SECRET_ACCESS_KEY"],
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint,
-        "ONEFORCE_CACHE": str(Path(tempfile.mkdtemp(prefix="node_cache-", dir=bulk_root))),
+        "ONEFORCE_CACHE": str(tmp_path_factory.mktemp("node_cache")),
     }
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():

@@ -15,20 +15,16 @@ handed to a distillation through Ray Train: tests/test_quickstart.py, at toy siz
 distillation's export (blocks of 3 latent frames, its GAN tap and R1/R2) and generates a clip with its
 settings.
 
-What stays on the machine, and why: the teacher's 1.1 GB of bf16 shards (through the S3 server, once up
+What stays on local disk, and why: the teacher's 1.1 GB of bf16 shards (through the S3 server, once up
 and once into the node cache, they were a third of this test's time; the sharded release is read from
 S3 at small width in tests/test_official_layouts.py), and the Train runs' directories (DeepSpeed and
 critic states, ~2.4 GB per checkpoint; checkpoints on S3 are tested at toy size in
-tests/test_critic_actors.py). Both are in the session's bulk folder, in RAM when the machine has room
-(tests/conftest.py says why). The exports, which the next stage reads, are on S3."""
+tests/test_critic_actors.py). The exports, which the next stage reads, are on S3."""
 
 from __future__ import annotations
 
 import argparse
 import math
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -55,17 +51,9 @@ def seeded(seed: int, build):
 
 
 @pytest.fixture(scope="module")
-def releases(s3_server, bulk_root) -> Iterator[dict[str, str]]:
-    """The weights at their real widths, written in the releases' layouts (in bulk_root: see
-    tests/conftest.py) and uploaded to S3."""
-    local = Path(tempfile.mkdtemp(prefix="true_width-", dir=bulk_root))
-    try:
-        yield _write_releases(local)
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
-
-
-def _write_releases(local: Path) -> dict[str, str]:
+def releases(s3_server, tmp_path_factory) -> dict[str, str]:
+    """The weights at their real widths, written in the releases' layouts and uploaded to S3."""
+    local = tmp_path_factory.mktemp("true_width")
     teacher = seeded(0, lambda: WanTransformer3DModel(**{**WAN_CONFIGS["wan2.1-t2v-14b"], "num_layers": TEACHER_LAYERS}))
     build_sharded_original_dit(local / "Wan2.1-T2V-14B", teacher)
     del teacher
@@ -119,8 +107,7 @@ def generate(cfg: Config, checkpoint: str, out: str, tmp: Path) -> Path:
     return local
 
 
-def test_the_shipped_configs_at_true_width_in_bf16_on_s3(ray_local, ray_cluster, releases, bulk_tmp_path):
-    tmp_path = bulk_tmp_path  # the Train run's checkpoint is ~2.4 GB
+def test_the_shipped_configs_at_true_width_in_bf16_on_s3(ray_local, ray_cluster, releases, tmp_path):
     from jobs import distill as distill_job
     from jobs import preprocess
     from pipeline import data, distill, trainer
