@@ -5,6 +5,10 @@ hides a circle from Python, not from the reader)."""
 from __future__ import annotations
 
 import ast
+import functools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,9 +39,20 @@ def imports_of(path: Path, known: dict[str, Path]) -> set[str]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
+def parsed_here() -> dict[str, list[str]]:
     known = project_modules()
-    return {name: imports_of(path, known) - {name} for name, path in known.items()}
+    return {name: sorted(imports_of(path, known) - {name}) for name, path in known.items()}
+
+
+@functools.cache
+def import_graph() -> dict[str, set[str]]:
+    """Parsed in a fresh interpreter: CPython 3.11's `ast.parse` keeps its recursion count per
+    interpreter, not per thread, and another thread of the test session parsing at the same moment
+    (3.11's tracebacks parse their lines to place the carets) fails it with "SystemError: AST
+    constructor recursion depth mismatch" (seen once in a full run)."""
+    code = "import json; from tests.test_layout import parsed_here; print(json.dumps(parsed_here()))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return {name: set(imports) for name, imports in json.loads(out).items()}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
