@@ -99,35 +99,22 @@ def worst_relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
     return max(float((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)) for k in want)
 
 
-@pytest.fixture(scope="module")
-def one_worker_run(ray_local, tiny_data, tmp_path_factory):
-    """1 Train worker (ZeRO-2) and 1 teacher actor: the distributed run every other test compares with."""
+@pytest.mark.parametrize("stage", [3])  # ZeRO-2 with two workers: tests/test_critic_actors.py
+def test_two_workers_and_a_teacher_actor_equal_plain_loop_on_the_rows_they_read(ray_local, tiny_data, tmp_path, stage):
+    """The critic in the Train workers, the teacher on its own actor; the critic on actors and the
+    fault cases are in tests/test_critic_actors.py."""
     from actors.teacher import TeacherPool
 
-    storage = str(tmp_path_factory.mktemp("runs"))
-    cfg = tiny_config(tiny_data, storage, "one", "ray.teacher_actors=1", "ray.teacher_resources={CPU: 0.5}")
+    cfg = tiny_config(tiny_data, str(tmp_path), f"two-z{stage}", "ray.num_workers=2", f"train.zero_stage={stage}",
+                      "ray.teacher_actors=1", "ray.teacher_resources={CPU: 0.5}")
     pool = TeacherPool.start(cfg, data.read_negative_prompt(tiny_data))
     try:
         result = trainer.fit(cfg, "distill", pool)
     finally:
         pool.shutdown()
-    return cfg, result
-
-
-def test_one_worker_with_teacher_actor_equals_plain_loop(one_worker_run):
-    cfg, result = one_worker_run
     history = history_of(result)
-    assert [h["step"] for h in history] == list(range(5))
+    assert [h["step"] for h in history] == list(range(5)) and all(len(h["ids"]) == 2 for h in history)
     assert sum("dmd" in h for h in history) == 3  # steps 0, 2, 4 update the generator first
-    assert_same_losses(history, plain_history(cfg, batches_read(history, cfg.data.output)))
-
-
-@pytest.mark.parametrize("stage", [3])  # ZeRO-2 with two workers: tests/test_critic_actors.py
-def test_two_workers_equal_plain_loop_on_the_rows_they_read(ray_local, tiny_data, tmp_path, stage):
-    cfg = tiny_config(tiny_data, str(tmp_path), f"two-z{stage}", "ray.num_workers=2", f"train.zero_stage={stage}")
-    result = trainer.fit(cfg, "distill")
-    history = history_of(result)
-    assert all(len(h["ids"]) == 2 for h in history)
     assert len({i for h in history[:2] for ids in h["ids"] for i in ids}) == 4  # the two ranks read different rows
     reference, ctx = plain_run(cfg, batches_read(history, cfg.data.output))
     assert_same_losses(history, reference)
