@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ast
 import functools
-import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +24,20 @@ def project_modules() -> dict[str, Path]:
     return {module_name(p): p for package in PACKAGES for p in (REPO / package).rglob("*.py")}
 
 
-def imports_of(path: Path, known: dict[str, Path]) -> set[str]:
-    """The project modules `path` imports anywhere in it; `from pipeline import data` names
+def syntax_trees(paths: list[Path]) -> list[ast.Module]:
+    """`ast.parse` of each file, run in a fresh interpreter and sent back pickled. CPython 3.11 keeps
+    `ast.parse`'s recursion count per interpreter, not per thread, and a parse in another thread of
+    the test session at the same moment (3.11's tracebacks parse their lines to place the carets)
+    fails it with "SystemError: AST constructor recursion depth mismatch" (seen once in a full run)."""
+    code = "import ast, pickle, sys; sys.stdout.buffer.write(pickle.dumps([ast.parse(open(p).read()) for p in sys.argv[1:]]))"
+    return pickle.loads(subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, check=True).stdout)
+
+
+def imports_of(tree: ast.Module, known: dict[str, Path]) -> set[str]:
+    """The project modules a file's `tree` imports anywhere in it; `from pipeline import data` names
     pipeline.data when that is a module, else the package."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -39,20 +48,10 @@ def imports_of(path: Path, known: dict[str, Path]) -> set[str]:
     return found
 
 
-def parsed_here() -> dict[str, list[str]]:
-    known = project_modules()
-    return {name: sorted(imports_of(path, known) - {name}) for name, path in known.items()}
-
-
 @functools.cache
 def import_graph() -> dict[str, set[str]]:
-    """Parsed in a fresh interpreter: CPython 3.11's `ast.parse` keeps its recursion count per
-    interpreter, not per thread, and another thread of the test session parsing at the same moment
-    (3.11's tracebacks parse their lines to place the carets) fails it with "SystemError: AST
-    constructor recursion depth mismatch" (seen once in a full run)."""
-    code = "import json; from tests.test_layout import parsed_here; print(json.dumps(parsed_here()))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    return {name: set(imports) for name, imports in json.loads(out).items()}
+    known = project_modules()
+    return {name: imports_of(tree, known) - {name} for name, tree in zip(known, syntax_trees(list(known.values())))}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -98,7 +97,7 @@ def test_the_walk_finds_circles_and_lazy_imports(tmp_path):
     assert cycles({**graph, "pipeline.c": set()}) == []
     lazy = tmp_path / "lazy.py"
     lazy.write_text("def f():\n    from actors.roles import actor_roles\n    from pipeline import data\n")
-    assert imports_of(lazy, project_modules()) == {"actors.roles", "pipeline.data"}
+    assert imports_of(syntax_trees([lazy])[0], project_modules()) == {"actors.roles", "pipeline.data"}
 
 
 def test_no_import_cycles():
@@ -121,8 +120,8 @@ def test_jobs_import_only_pipeline_and_actors():
     """What two jobs share lives in pipeline/: a job imports no other job (jobs.cli, the entry helper,
     aside). The quickstart runs the other jobs, so it may import job modules (`from jobs import x`) to
     call their entry points, but nothing from inside them."""
-    for job in Path(REPO, "jobs").glob("*.py"):
-        tree = ast.parse(job.read_text())
+    jobs = sorted(Path(REPO, "jobs").glob("*.py"))
+    for job, tree in zip(jobs, syntax_trees(jobs)):
         modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
                    and not (job.name == "quickstart.py" and n.module == "jobs")]
         modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]

@@ -324,10 +324,12 @@ def test_package_layout_grader_sees_only_the_renderers_ground_truth():
     (ground truth), and the package still offers every public name at its top."""
     import ast
     import importlib
+    from pathlib import Path
 
     from pipeline.toyworld import grader
+    from tests.test_layout import syntax_trees
 
-    tree = ast.parse(open(grader.__file__).read())
+    [tree] = syntax_trees([Path(grader.__file__)])
     from_renderer = [a.name for node in tree.body if isinstance(node, ast.ImportFrom) and node.module == "pipeline.toyworld.renderer"
                      for a in node.names]
     assert from_renderer == ["render"]
