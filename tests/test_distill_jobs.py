@@ -112,20 +112,26 @@ def assert_answers_only_with_its_credentials(uri: str) -> None:
 def test_distill_by_ray_job_submit_then_resumed_in_the_same_mlflow_run(ray_cluster, mlflow_server, tmp_path):
     """Logged to a real tracking server over HTTP, started as on a cluster's head (it answers only with
     its credentials, which the job finds in its node's environment); the sample videos through its
-    artifact proxy, into S3."""
+    artifact proxy, into S3. The run's checkpoints and export are on S3 too, so the resumed job is a
+    relaunch that finds its checkpoint there."""
+    import fsspec
     import mlflow
 
     assert_answers_only_with_its_credentials(mlflow_server)
 
     write_toy_debug_dataset(tmp_path / "data")
     address = f"ray.address={ray_cluster[0]}"
+    storage = f"s3://oneforce-test/jobs-{tmp_path.name}"
     # The student starts from the (random) teacher's weights.
-    distill = job_config(tmp_path, "distill", tracking={"tracking_uri": mlflow_server})
+    distill = job_config(tmp_path, "distill", tracking={"tracking_uri": mlflow_server}, train={"storage_path": storage})
     result = submit(ray_cluster[1], ["python", "jobs/distill.py", "--config", str(distill)])
     log = result.stdout + result.stderr
     assert result.returncode == 0 and "succeeded" in log, log[-4000:]
-    export = tmp_path / "runs" / "distill" / "distill" / "export"
-    assert {p.name for p in export.iterdir()} >= {"transformer", "text_encoder", "tokenizer", "codec", "oneforce.json"}
+    s3 = fsspec.filesystem("s3")
+    s3.invalidate_cache()
+    run_root = f"{storage.removeprefix('s3://')}/distill/distill"
+    export = {p.rsplit("/", 1)[-1] for p in s3.ls(f"{run_root}/export", detail=False)}
+    assert export >= {"transformer", "text_encoder", "tokenizer", "codec", "oneforce.json"}, export
 
     mlflow.set_tracking_uri(mlflow_server)
     runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["oneforce"], output_format="list")}
@@ -138,10 +144,12 @@ def test_distill_by_ray_job_submit_then_resumed_in_the_same_mlflow_run(ray_clust
     sample = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=artifacts[".mp4"], dst_path=str(tmp_path / "sample"))
     assert read_video(sample).shape[0] == FRAMES  # the EMA student's samples decode
 
-    # The same command with more steps resumes the run and appends to the same MLflow run.
+    # The same command with more steps resumes from the checkpoint on S3 and appends to the same MLflow run.
     run_job("jobs/distill.py", "--config", str(distill), address, "train.steps=4")
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "critic_flow")
     assert sorted(m.step for m in history) == [0, 1, 2, 3]
+    s3.invalidate_cache()
+    assert s3.exists(f"{run_root}/checkpoint_00000004")
 
 
 def test_an_unreachable_tracking_server_is_one_line_before_anything_starts(tmp_path):
