@@ -288,12 +288,29 @@ class RayRecordsToLog(logging.Filter):
 VERBOSE_ENV = "ONEFORCE_VERBOSE"  # set by a job's --verbose: Ray's output prints as Ray prints it
 
 
+# Ray Data's driver-side usage poller: a daemon thread that asks the cluster's Prometheus for spill
+# and node-failure counters every 10 s, for as long as the process lives, and logs each failed query at
+# DEBUG with its traceback (ray-data.log).
+RAY_DATA_USAGE_POLLER = "ray.data._internal.usage.poller"
+
+
+def mute_ray_data_usage_poller() -> None:
+    """Keep Ray Data's usage poller from formatting a traceback every 10 s in its own thread. Where no
+    Prometheus answers (a cluster without one, a test session) every query fails. On CPython 3.11,
+    formatting a traceback calls `ast.parse` (for the carets), and the AST constructor's recursion
+    counter is shared by the interpreter's threads: a parse on the main thread at the same moment fails
+    with `SystemError: AST constructor recursion depth mismatch`. That was seen twice in the test
+    session, once in pytest's own import of a plugin at the end of a run. Its other records still log."""
+    logging.getLogger(RAY_DATA_USAGE_POLLER).setLevel(logging.INFO)
+
+
 def quiet_ray_output() -> None:
     """Route Ray's output on the driver as `WorkerTracebacks` and `RayRecordsToLog` say, unless the job
     runs with --verbose. Ray has no public hook for the workers' output short of dropping all of it
     (`log_to_driver=False`, which also drops the Train workers' progress bar), so this wraps
     `ray._private.worker.print_worker_logs`; where another Ray version lacks it, the workers' output
     prints as Ray prints it."""
+    mute_ray_data_usage_poller()  # with --verbose too: it is a thread-safety fix, not output routing
     if os.environ.get(VERBOSE_ENV):
         return
     import ray.data  # noqa: F401 - configures Ray Data's console logger, which gets the filter below

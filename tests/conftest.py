@@ -18,6 +18,7 @@ import psutil
 import pytest
 import torch
 
+from pipeline.failures import mute_ray_data_usage_poller
 from pipeline.models.causal_wan import CausalWanModel
 from pipeline.models.wan_weights import WAN_CONFIGS
 from tests.browser import free_port
@@ -26,6 +27,8 @@ from tests.browser import free_port
 # to 2 s more to be noticed; the suite runs ~30 short runs, on Ray clusters that inherit this process's
 # environment (the session's head, the quickstart's own instance).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# This process is a Ray driver too (tests run Ray Data in it): as in every job's driver.
+mute_ray_data_usage_poller()
 
 
 def tiny_wan(seed: int = 0, **overrides) -> CausalWanModel:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -418,3 +420,42 @@ def test_rays_info_and_error_records_go_to_the_log_and_verbose_prints_them(tmp_p
         assert [type(f) for f in handler.filters] == [failures.RayRecordsToLog]
     finally:
         logging.getLogger("ray.oneforce_probe").removeHandler(handler)
+
+
+def test_ray_data_usage_poller_formats_no_traceback_in_its_thread(monkeypatch):
+    """Ray Data's usage poller logs every failed query with its traceback, from its own thread; on
+    CPython 3.11 that formatting races `ast.parse` on the main thread (`mute_ray_data_usage_poller`
+    says how). Muted, a failing poll formats nothing; unmuted, this same check sees the traceback."""
+    from ray.data._internal.usage.poller import ClusterMetricsPoller
+
+    def failing() -> int:
+        raise ConnectionError("no Prometheus here")
+
+    def tracebacks_formatted() -> list[str]:
+        formatted, done = [], threading.Event()
+
+        class Capture(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.exc_info:
+                    formatted.append(logging.Formatter().formatException(record.exc_info))
+                done.set()
+
+        handler = Capture(level=logging.DEBUG)
+        logger = logging.getLogger(failures.RAY_DATA_USAGE_POLLER)
+        logger.addHandler(handler)
+        try:
+            ClusterMetricsPoller({"probe": failing}, interval_s=3600)._start_thread_if_not_running()  # one poll, then asleep
+            done.wait(1)
+        finally:
+            logger.removeHandler(handler)
+        return formatted
+
+    from ray._private import worker as ray_worker
+
+    monkeypatch.setattr(logging.getLogger(failures.RAY_DATA_USAGE_POLLER), "level", logging.NOTSET)  # as Ray leaves it
+    monkeypatch.setattr(logging.getLogger("ray.data"), "level", logging.DEBUG)  # as Ray Data's logging config sets it
+    monkeypatch.setattr(ray_worker, "print_worker_logs", ray_worker.print_worker_logs)  # quiet_ray_output wraps it
+    unmuted = tracebacks_formatted()
+    assert len(unmuted) == 1 and "ConnectionError: no Prometheus here" in unmuted[0]
+    failures.quiet_ray_output()  # what every job's driver calls
+    assert tracebacks_formatted() == []
