@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -146,10 +147,7 @@ def s3_server(tmp_path_factory):
     environment that fsspec/s3fs/boto read, already exported into os.environ, with the node cache of
     downloaded weights (ONEFORCE_CACHE) in the session's temporary folder."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    proc = start_moto(port)
     endpoint = f"http://127.0.0.1:{port}"
     env = {
         "AWS_ACCESS_KEY_ID": SECRETS["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": SECRETS["AWS_SECRET_ACCESS_KEY"],
@@ -162,15 +160,7 @@ def s3_server(tmp_path_factory):
         try:
             import boto3
 
-            deadline = time.time() + 30
-            while True:
-                try:
-                    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="oneforce-test")
-                    break
-                except Exception:
-                    if time.time() > deadline:
-                        raise
-                    time.sleep(0.2)
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="oneforce-test")
             yield env
         finally:
             proc.terminate()
@@ -203,7 +193,7 @@ def ray_cluster(s3_server, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_AUTH_MODE", "disabled")  # for this process's drivers and CLI calls
         try:
-            _wait_for_port(dashboard, head, log)
+            wait_for_port(dashboard, head, lambda: f"ray start --head did not come up: {log.read_text()[-2000:]}", timeout=180)
             yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
         finally:
             _stop(head)
@@ -245,15 +235,26 @@ def _stop(head: subprocess.Popen) -> None:
         head.wait(timeout=90)
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, log, timeout: float = 180) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen, failure: Callable[[], str], timeout: float) -> None:
+    """Return once something listens on 127.0.0.1:`port`; raise `failure()` if `proc` exits first or
+    `timeout` seconds pass."""
     deadline = time.time() + timeout
     while True:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"ray start --head did not come up: {open(log).read()[-2000:]}")
-        time.sleep(0.5)
+            raise RuntimeError(failure())
+        time.sleep(0.2)
+
+
+def start_moto(port: int, **env: str) -> subprocess.Popen:
+    """A moto S3 server on 127.0.0.1:`port` with this process's environment plus `env`, listening when
+    this returns. The caller stops it."""
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
+    wait_for_port(port, proc, lambda: f"moto.server on port {port} did not come up (exit code {proc.poll()})", timeout=30)
+    return proc
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ from pipeline.models.loading import check_weights
 from pipeline.models.wan_weights import WAN_CONFIGS
 from pipeline.storage import StorageError, check_exists, check_writable
 from tests.browser import free_port
+from tests.conftest import start_moto
 from tests.test_preprocess import _config
 from tests.wan_releases import diffusers_dit_to_original
 
@@ -301,19 +301,6 @@ def test_malformed_yaml_is_one_line_with_file_and_line(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _moto(port: int, **env: str) -> subprocess.Popen:
-    """A moto S3 server of this test's own (the session's one stays up for the other tests)."""
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
-    deadline = time.time() + 30
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.2)
-
-
 def _point_s3_at(monkeypatch, endpoint: str) -> None:
     import s3fs
 
@@ -338,7 +325,7 @@ def test_s3_missing_bucket_wrong_keys_and_no_credentials_are_named(fresh_s3, tmp
         check_writable("s3://no-such-bucket/out", "data.output")
 
     port = free_port()
-    strict = _moto(port, INITIAL_NO_AUTH_ACTION_COUNT="0")  # moto checks the keys only when asked to
+    strict = start_moto(port, INITIAL_NO_AUTH_ACTION_COUNT="0")  # a server of its own: moto checks the keys only when asked to
     try:
         _point_s3_at(fresh_s3, f"http://127.0.0.1:{port}")
         with pytest.raises(StorageError, match=r"^data.output=s3://oneforce-test/out: access denied \(InvalidAccessKeyId"):
@@ -359,7 +346,7 @@ def test_s3_missing_bucket_wrong_keys_and_no_credentials_are_named(fresh_s3, tmp
 
 def test_a_stopped_s3_server_is_one_line_within_seconds(fresh_s3, tmp_path):
     port = free_port()
-    _moto(port).terminate()  # started and stopped: nothing listens there any more
+    start_moto(port).terminate()  # started and stopped: nothing listens there any more
     endpoint = f"http://127.0.0.1:{port}"
     _point_s3_at(fresh_s3, endpoint)
     start = time.time()
