@@ -33,6 +33,7 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -326,10 +327,13 @@ class CriticGroup:
                 states.append(True)
         return states
 
-    def save(self, checkpoint: str) -> None:
+    def start_save(self, checkpoint: str) -> Callable[[], None]:
+        """Every actor starts writing its part of `checkpoint`/critic; returns the wait for all of them,
+        so the Train workers write their own part meanwhile."""
         import ray
 
-        ray.get([a.save.remote(checkpoint) for a in self.actors])
+        pending = [a.save.remote(checkpoint) for a in self.actors]
+        return lambda: ray.get(pending)
 
     def shutdown(self) -> None:
         import ray
