@@ -299,8 +299,9 @@ def mute_ray_data_usage_poller() -> None:
     Prometheus answers (a cluster without one, a test session) every query fails. On CPython 3.11,
     formatting a traceback calls `ast.parse` (for the carets), and the AST constructor's recursion
     counter is shared by the interpreter's threads: a parse on the main thread at the same moment fails
-    with `SystemError: AST constructor recursion depth mismatch`. That was seen twice in the test
-    session, once in pytest's own import of a plugin at the end of a run. Its other records still log."""
+    with `SystemError: AST constructor recursion depth mismatch`. That ended a test session once, in
+    pytest's own import of a plugin; a spy on `ast.parse` found this thread the only other caller in the
+    process. The poller's other records still log."""
     logging.getLogger(RAY_DATA_USAGE_POLLER).setLevel(logging.INFO)
 
 
