@@ -29,7 +29,7 @@ from pipeline import data
 from pipeline.checkpoint import export_settings
 from pipeline.config import Config, load_config
 from pipeline.failures import Interrupted, init_ray, interrupt_signal
-from pipeline.models.loading import check_checkpoint, check_model_paths
+from pipeline.models.loading import check_checkpoint, check_generation_inputs
 from pipeline.planning import (
     SHOWN_BAD_LINES, ClipPlan, existing_files, parse_prompt_files, plan_clips, ray_resources, read_manifest, write_manifest,
 )
@@ -134,8 +134,7 @@ def extra_args(parser: argparse.ArgumentParser) -> None:
 
 def check(cfg: Config, args: argparse.Namespace) -> None:
     """--dry-run: the checkpoint's layout and shapes, and the text encoder and codec it would fall back to."""
-    check_checkpoint(args.checkpoint, cfg.model.student_arch)
-    check_model_paths(cfg.model, ["text_encoder_path", "codec"])
+    check_generation_inputs(args.checkpoint, cfg.model)
 
 
 if __name__ == "__main__":

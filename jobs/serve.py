@@ -35,7 +35,7 @@ from pipeline.checkpoint import export_settings
 from pipeline.config import Config, load_config
 from pipeline.failures import init_ray
 from pipeline.generation import GenerationSettings
-from pipeline.models.loading import check_checkpoint, check_model_paths
+from pipeline.models.loading import check_checkpoint, check_generation_inputs
 from pipeline.planning import ray_resources
 from pipeline.storage import check_exists
 
@@ -106,8 +106,8 @@ def extra_args(parser: argparse.ArgumentParser) -> None:
 
 
 def check(cfg: Config, args: argparse.Namespace) -> None:
-    check_checkpoint(args.checkpoint, cfg.model.student_arch)
-    check_model_paths(cfg.model, ["text_encoder_path", "codec"])
+    """--dry-run: the checkpoint's layout and shapes, and the text encoder and codec it would fall back to."""
+    check_generation_inputs(args.checkpoint, cfg.model)
 
 
 if __name__ == "__main__":

@@ -157,3 +157,23 @@ def test_clip_plans_give_ids_seeds_and_skip_duplicates_and_finished_clips(tmp_pa
     plan = plan_clips(parsed, GenerateConfig(seed=3), manifest, existing={f"{blue}_0.mp4"})
     assert [(r["id"], r["sample"], r["seed"]) for r in plan.pending] == [(red, 0, 3), (blue, 1, 8)]
     assert plan.kept == [manifest[0]] and plan.duplicates == 1 and plan.lines == 4 and len(plan.bad) == 1
+
+
+def test_dry_run_checks_of_generate_and_serve_read_the_export_and_name_a_broken_one(tmp_path):
+    """Both jobs' --dry-run check: the shipped toy student passes (layout, shapes, the text encoder and
+    codec folders it carries); a directory without transformer/ is named as --checkpoint."""
+    import argparse
+    import shutil
+
+    from jobs import serve
+    from pipeline.config import load_config
+
+    shipped = REPO / "pipeline" / "assets" / "toy_student"
+    cfg = load_config(None, [f"model.text_encoder_path={shipped / 'text_encoder'}", f"model.codec={shipped / 'codec'}"])
+    broken = tmp_path / "export"
+    shutil.copytree(shipped, broken)
+    shutil.rmtree(broken / "transformer")
+    for job in (generate, serve):
+        job.check(cfg, argparse.Namespace(checkpoint=str(shipped)))  # raises nothing
+        with pytest.raises(FileNotFoundError, match=f"^--checkpoint={broken}: a directory needs a transformer/ folder"):
+            job.check(cfg, argparse.Namespace(checkpoint=str(broken)))

@@ -215,6 +215,13 @@ def check_checkpoint(checkpoint: str, student_arch: str) -> None:
     check_weights_at(f"{checkpoint.rstrip('/')}/transformer" if is_dir else checkpoint, "--checkpoint", student_arch, "model.student_arch")
 
 
+def check_generation_inputs(checkpoint: str, cfg: ModelConfig) -> None:
+    """What generating from `checkpoint` reads (jobs/generate.py, jobs/serve.py), for --dry-run: the
+    checkpoint's layout and shapes, and the text encoder and codec it falls back to."""
+    check_checkpoint(checkpoint, cfg.student_arch)
+    check_model_paths(cfg, ["text_encoder_path", "codec"])
+
+
 def check_weights_at(path: str, setting: str, arch: str, arch_setting: str) -> None:
     """`check_weights` for one path given as `setting`: its layout (`locate_dit`), then every tensor's
     shape (safetensors headers; a local .pt opened memory-mapped) against its config.json, or against
