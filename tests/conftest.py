@@ -276,6 +276,6 @@ def pytest_collection_modifyitems(session, config, items):
     """The true-width tier runs first. It touches ~12 GB of memory its processes have never used, and on
     the 2-core CI-like virtual machine that costs 0.35-2.8 s of kernel time per GB depending on how much
     the host has taken back (`python bench/page_faults.py`). Measured on fresh clones: 180-191 s when it
-    ran last (four runs), 149-155 s first (two); the other tests' times did not move (bench/RESULTS.md,
+    ran last (four runs), 149-155 s first (three); the other tests' times did not move (bench/RESULTS.md,
     session 13)."""
     items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_true_width.py") else 1)  # stable: the rest keep their order
