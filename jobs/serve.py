@@ -37,7 +37,6 @@ from pipeline.failures import init_ray
 from pipeline.generation import GenerationSettings
 from pipeline.models.loading import check_checkpoint, check_generation_inputs
 from pipeline.planning import ray_resources
-from pipeline.storage import check_exists
 
 APP_NAME = "oneforce-stream"
 
@@ -78,8 +77,7 @@ def start(cfg: Config, checkpoint: str) -> str:
 
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
-    check_exists(args.checkpoint, "--checkpoint")
-    check_checkpoint(args.checkpoint, cfg.model.student_arch)
+    check_checkpoint(args.checkpoint, cfg.model.student_arch)  # its existence first, then layout and shapes
     settings = export_settings(args.checkpoint)
     if settings:  # what the student was trained with, under the user's --config and overrides
         cfg = load_config(args.config, args.overrides, base=settings)
