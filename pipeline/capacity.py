@@ -24,6 +24,7 @@ measured; a role fits when its total stays under 90% of the GPU's memory (CUDA c
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from dataclasses import dataclass, field
@@ -131,15 +132,18 @@ def measurement_model(layers: int, dtype: torch.dtype, checkpointing: bool, seed
 
 def held_for_backward(forward) -> int:
     """Heap bytes a forward with grad still holds when it returns (the graph and what it saved), beyond
-    its output, measured as malloc's bytes in use; its backward then frees them. How the activation
-    bytes were measured, and how predictions are checked."""
+    its output, measured as malloc's bytes in use. How the activation bytes were measured, and how
+    predictions are checked.
+
+    No backward runs: dropping the output frees the graph and what it saved, and a backward would
+    cost far more than the forward where the CPU has no native bf16 GEMM (AVX2 only: torch's fallback
+    multiplies a gradient by an untransposed weight at under 1 GFLOP/s)."""
     from pipeline.distributed import heap_bytes
 
+    gc.collect()  # a previous measurement's cycles (checkpoint frames) must not be freed during this one
     before = heap_bytes()
     out = forward()
-    held = heap_bytes() - before - out.numel() * out.element_size()
-    out.float().sum().backward()
-    return held
+    return heap_bytes() - before - out.numel() * out.element_size()
 
 
 # ----------------------------------------------------------------------------------------------------
