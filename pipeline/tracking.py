@@ -51,7 +51,7 @@ class MLflowTracker:
         self._mlflow = mlflow
         self.uri = uri or tracking_uri(cfg)
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(cfg.experiment)
+        use_experiment(self.uri, cfg.experiment)
         fs, id_path = fsspec.core.url_to_fs(f"{run_dir.rstrip('/')}/mlflow_run_id")  # local or s3://
         run_id = fs.cat(id_path).decode().strip() if fs.exists(id_path) else None
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else (cfg.run_name or run_name))
@@ -97,6 +97,23 @@ class AttachedTracker:
 
     def close(self, status: str | None = None) -> None:
         pass
+
+
+def use_experiment(uri: str, name: str) -> None:
+    """Make `name` the active MLflow experiment, creating it when it is new. A new experiment in a local
+    SQLite store keeps its artifacts beside the database (`<its folder>/mlartifacts`, the name `mlflow
+    server` gives its own), not in MLflow's default `./mlruns` of whatever directory the job ran in: a
+    store is then one folder, and a job run from a checkout writes nothing into it."""
+    import mlflow
+
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+        artifacts = Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
+        try:
+            mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
+        except mlflow.exceptions.MlflowException as err:  # another job created it meanwhile
+            if mlflow.get_experiment_by_name(name) is None:
+                raise err
+    mlflow.set_experiment(name)
 
 
 def tracking_uri(cfg: TrackingConfig, store_dir: str = ".") -> str:
