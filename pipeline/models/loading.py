@@ -7,17 +7,21 @@ import dataclasses
 import functools
 import json
 import struct
+from typing import TYPE_CHECKING
 
 import fsspec
 import torch
 
 from pipeline.config import Config, ModelConfig
 from pipeline.failures import about
-from pipeline.models.causal_wan import CausalWanModel
-from pipeline.models.discriminator import Critic, build_gan_heads
 from pipeline.models.text import TextEncoder
 from pipeline.models.wan_weights import WAN_CONFIGS, cast_like_from_pretrained, load_wan, locate_dit, to_diffusers_keys
 from pipeline.storage import check_exists, is_local, load_pickled_tensors, naming
+
+# The DiT and the critic (diffusers) are imported where they are built: see pipeline/models/wan_weights.py.
+if TYPE_CHECKING:
+    from pipeline.models.causal_wan import CausalWanModel
+    from pipeline.models.discriminator import Critic
 
 RANDOM_INIT_SEED = 0
 
@@ -28,6 +32,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def load_teacher(cfg: ModelConfig, device: str | torch.device = "cpu") -> CausalWanModel:
     """The frozen teacher, in eval mode with gradients off."""
+    from pipeline.models.causal_wan import CausalWanModel
+
     dtype = torch_dtype(cfg.dtype)
     if cfg.teacher_path:
         with about("model.teacher_path", cfg.teacher_path):  # diffusers' load errors do not name the setting
@@ -108,6 +114,8 @@ def load_student(
 def load_critic(cfg: Config, device: str | torch.device = "cpu") -> Critic:
     """The critic: a bidirectional Wan trunk (`critic_path`, or the teacher's weights) and GAN heads
     with seeded random init, in float32; with `train.gradient_checkpointing`, both recompute in backward."""
+    from pipeline.models.discriminator import Critic, build_gan_heads
+
     m = cfg.model
     if m.critic_path:
         with about("model.critic_path", m.critic_path):
@@ -264,6 +272,8 @@ def check_weights_at(path: str, setting: str, arch: str, arch_setting: str) -> N
 @functools.lru_cache(maxsize=16)
 def _expected_shapes(config_json: str) -> dict[str, tuple[int, ...]]:
     """Every state-dict shape of a CausalWanModel with this config, built on the meta device (no memory)."""
+    from pipeline.models.causal_wan import CausalWanModel
+
     with torch.device("meta"):
         model = CausalWanModel.from_config(json.loads(config_json))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}

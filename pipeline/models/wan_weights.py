@@ -22,13 +22,19 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import fsspec
 import torch
-from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from safetensors.torch import load_file
 
-from pipeline.models.causal_wan import CausalWanModel
 from pipeline.storage import load_pickled_tensors, node_cache
+
+# diffusers (through the model) is imported where a model is built or original keys converted: the
+# configs, layouts and header checks here serve processes that never build one (a job's checks before
+# it starts, text-encoder actors), and diffusers costs them seconds each.
+if TYPE_CHECKING:
+    from pipeline.models.causal_wan import CausalWanModel
 
 # diffusers WanTransformer3DModel configs of the released T2V models, and the tiny ones used in tests.
 WAN_CONFIGS: dict[str, dict[str, Any]] = {
@@ -89,6 +95,8 @@ def is_original_layout(state_dict: dict[str, Any]) -> bool:
 def to_diffusers_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
     """Unwrapped keys in the diffusers layout: original Wan keys go through diffusers' converter (values
     are moved, never read, so tensors and shapes alike)."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
     state_dict = strip_wrapper_prefixes(state_dict)
     if not is_original_layout(state_dict):
         return state_dict
@@ -216,6 +224,8 @@ def load_wan(
     diffusers' from_pretrained casts: `_keep_in_fp32_modules` (RoPE, time embedder, norms, modulation)
     stay float32.
     """
+    from pipeline.models.causal_wan import CausalWanModel
+
     source = locate_dit(path)
     if source.diffusers_dir is not None:
         local = node_cache(source.diffusers_dir)
@@ -235,6 +245,8 @@ def empty_wan(architecture: dict[str, Any]) -> CausalWanModel:
     """The model with its parameters on the meta device (no memory, no init) and its buffers (RoPE
     tables) real: `load_strict` assigns the loaded tensors."""
     from accelerate import init_empty_weights
+
+    from pipeline.models.causal_wan import CausalWanModel
 
     with init_empty_weights(include_buffers=False):
         return CausalWanModel(**architecture)
