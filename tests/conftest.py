@@ -55,6 +55,11 @@ _SERVER = re.compile(r"ray start|raylet|gcs_server|ray::|ray/dashboard|log_monit
 # /tmp are not the suite's business.)
 _OURS_IN_TMP = re.compile(r"ray|_ray_lockfiles|pymp-.*|tmp.*|oneforce.*|torchinductor_.*|mlflow.*")
 _SHM = Path("/dev/shm")
+# What a job run from the checkout would leave there (MLflow's default ./mlruns, a store, runs, logs):
+# the tests write only into their own folders.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+_OURS_IN_CHECKOUT = re.compile(r"mlruns|mlartifacts|mlflow\.db|runs|.*\.log")
+_SHARED_BEFORE = pytest.StashKey[dict[str, set[str]]]()
 
 
 # Credentials every process of the session sees, as a cluster's nodes see theirs (cluster.yaml exports the
@@ -109,17 +114,17 @@ def _our_servers(token: str) -> list[str]:
 def leaves_nothing_behind(tmp_path_factory):
     """Every process the suite starts gets the session's own temporary folder (TMPDIR, which Ray,
     multiprocessing and tempfile honour), removed at the end, as pytest's tmp_path folders are kept in
-    its own; the session fails (an error at its end) when the tests left a server running or wrote
-    into the machine's temp folder past TMPDIR (or into /dev/shm), or when a file it wrote holds one
-    of the SECRETS (in the tests' folders, the session's temp folder, Ray's logs there, MLflow's
-    stores, the jobs' logs).
+    its own; the session fails (an error at its end) when the tests left a server running, or when a
+    file it wrote holds one of the SECRETS (in the tests' folders, the session's temp folder, Ray's logs
+    there, MLflow's stores, the jobs' logs). Writes into the machine's temp folder past TMPDIR are
+    checked once for the whole run (`pytest_sessionfinish`), as a run with pytest-xdist has one session
+    per worker.
     Session fixtures stop in the reverse order they started and this one starts first, so the shared
     Ray head and the S3 server are down when it looks."""
     from pipeline.failures import log_dir
 
     basetemp = tmp_path_factory.getbasetemp()  # pytest's folders stay where pytest keeps them (short paths: Ray's sockets)
-    shared = [Path(tempfile.gettempdir()), *([_SHM] if _SHM.is_dir() else [])]
-    before, token, started = {d: set(os.listdir(d)) for d in shared}, f"{os.getpid()}-{time.time()}", time.time()
+    token, started = f"{os.getpid()}-{time.time()}", time.time()
     session_tmp = tempfile.mkdtemp(prefix="oneforce-tests-")
     saved = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ.update({_SESSION_TOKEN: token, "TMPDIR": session_tmp, **SECRETS})
@@ -134,11 +139,34 @@ def leaves_nothing_behind(tmp_path_factory):
         time.sleep(1)
     leaks = _files_holding_secrets([basetemp, Path(session_tmp), log_dir()], started)
     shutil.rmtree(session_tmp, ignore_errors=True)
-    new = [f"{d}/{name}" for d in shared for name in sorted(set(os.listdir(d)) - before[d]) if _OURS_IN_TMP.fullmatch(name)]
-    problems = [f"server still running: {s}" for s in servers] + [f"left behind: {path}" for path in new]
-    problems += [f"a credential written into {path}" for path in leaks[:20]]
+    problems = [f"server still running: {s}" for s in servers] + [f"a credential written into {path}" for path in leaks[:20]]
     if problems:
         pytest.fail("the tests left things behind:\n" + "\n".join(problems), pytrace=False)
+
+
+def _shared_folders() -> dict[str, set[str]]:
+    """The names in the machine's temp folder, /dev/shm and the checkout."""
+    return {d: set(os.listdir(d)) for d in (tempfile.gettempdir(), *([str(_SHM)] if _SHM.is_dir() else []), str(_CHECKOUT))}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the process that spans the run: plain pytest, or xdist's controller
+        session.config.stash[_SHARED_BEFORE] = _shared_folders()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """After every worker's session fixtures have stopped: what the run left in the machine's temp
+    folder, /dev/shm or the checkout fails it."""
+    if _SHARED_BEFORE not in session.config.stash:
+        return
+    before = session.config.stash[_SHARED_BEFORE]
+    ours = lambda d, name: (_OURS_IN_CHECKOUT if d == str(_CHECKOUT) else _OURS_IN_TMP).fullmatch(name)  # noqa: E731
+    new = [f"{d}/{name}" for d, names in _shared_folders().items() for name in sorted(names - before[d]) if ours(d, name)]
+    if new:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.write("\n")
+        reporter.write_line("the tests left things behind:\n" + "\n".join(f"left behind: {path}" for path in new), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -178,10 +206,14 @@ def ray_cluster(s3_server, tmp_path_factory):
     only (`ray stop` would stop every Ray on the machine)."""
     gcs, dashboard, agent = free_port(), free_port(), free_port()
     # Its own temp dir: the address file a head writes there (ray_current_cluster) would otherwise
-    # outlive it in /tmp/ray and send every later `ray.init()` on the machine to a dead cluster.
-    temp = tmp_path_factory.mktemp("ray")
+    # outlive it in /tmp/ray and send every later `ray.init()` on the machine to a dead cluster. A short
+    # one, in the session's temporary folder: Ray's Unix sockets live under it, at most 107 bytes of path,
+    # which pytest-xdist's per-worker folders overrun (not `ray`: that is the default of every other Ray
+    # the tests start). Its logs are copied into pytest's folder at the end.
+    temp = Path(tempfile.gettempdir()) / "head"
+    kept = tmp_path_factory.mktemp("ray")
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", _CLUSTER_TAG: str(temp)}
-    log = temp / "ray-start.log"
+    log = kept / "ray-start.log"
     with open(log, "w") as out:
         head = subprocess.Popen(
             ["ray", "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
@@ -198,6 +230,7 @@ def ray_cluster(s3_server, tmp_path_factory):
         finally:
             _stop(head)
             _kill_stragglers(str(temp))
+            shutil.copytree(temp / "session_latest" / "logs", kept / "logs", symlinks=True, dirs_exist_ok=True)
 
 
 def _kill_stragglers(tag: str, grace: float = 20) -> None:
@@ -272,10 +305,19 @@ def ray_local(ray_cluster):
         ray.shutdown()
 
 
+# The files that take longest (seconds of one serial run on a 2-core AVX2 machine, bench/RESULTS.md,
+# session 15), longest first; every other file takes under 30 s.
+SLOWEST_FILES = ["test_true_width.py", "test_quickstart.py", "test_critic_actors.py", "test_distill_jobs.py",
+                 "test_failures.py", "test_generate.py", "test_preprocess.py", "test_serve.py", "test_distill.py"]
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The true-width tier runs first. It touches ~12 GB of memory its processes have never used, and on
-    the 2-core CI-like virtual machine that costs 0.35-2.8 s of kernel time per GB depending on how much
-    the host has taken back (`python bench/page_faults.py`). Measured on fresh clones: 180-191 s when it
-    ran last (four runs), 149-155 s first (three); the other tests' times did not move (bench/RESULTS.md,
-    session 13)."""
-    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_true_width.py") else 1)  # stable: the rest keep their order
+    """The slowest files first, longest first, the rest in their order. With pytest-xdist (`-n 2 --dist
+    loadfile --no-loadscope-reorder`, the README's command) each worker takes whole files in this order,
+    so the two end within a few tests of each other instead of one running the longest file alone at the
+    end. The true-width tier goes first in a serial run as well: it touches ~12 GB of memory its
+    processes have never used, and on the 2-core CI-like virtual machine that costs 0.35-2.8 s of
+    kernel time per GB depending on how much the host has taken back (`python bench/page_faults.py`);
+    run last it took 180-191 s (four runs), first 149-155 s (three; bench/RESULTS.md, session 13)."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
