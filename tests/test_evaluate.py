@@ -12,6 +12,7 @@ from jobs.cli import parse
 from jobs.evaluate import extra_args, main
 from pipeline import toyworld
 from pipeline.config import load_config
+from pipeline.tracking import use_experiment
 from pipeline.video import write_mp4
 
 PROMPTS = ["a red square moving left, fast", "a blue circle moving up, slow",
@@ -43,7 +44,7 @@ def test_truth_scores_high_blur_scores_low_and_mlflow_gets_it(tmp_path):
     write_set(tmp_path / "blurred", blur=1.2)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("generated-videos")
+    use_experiment(uri, "generated-videos")  # as the jobs make one: artifacts beside the store, not in ./mlruns
     run_id = mlflow.start_run().info.run_id
     mlflow.end_run()
     run("--videos", str(tmp_path / "truth"), "--out", str(tmp_path / "r1"), "--mlflow-run", run_id,
