@@ -123,7 +123,7 @@ def leaves_nothing_behind(tmp_path_factory):
     Ray head and the S3 server are down when it looks."""
     from pipeline.failures import log_dir
 
-    basetemp = tmp_path_factory.getbasetemp()  # pytest's folders stay where pytest keeps them (short paths: Ray's sockets)
+    basetemp = tmp_path_factory.getbasetemp()  # pytest's folders stay where pytest keeps them
     token, started = f"{os.getpid()}-{time.time()}", time.time()
     session_tmp = tempfile.mkdtemp(prefix="oneforce-tests-")
     saved = os.environ.get("TMPDIR"), tempfile.tempdir
@@ -230,7 +230,8 @@ def ray_cluster(s3_server, tmp_path_factory):
         finally:
             _stop(head)
             _kill_stragglers(str(temp))
-            shutil.copytree(temp / "session_latest" / "logs", kept / "logs", symlinks=True, dirs_exist_ok=True)
+            if (temp / "session_latest").exists():  # not when the head never came up: its error is the one to see
+                shutil.copytree(temp / "session_latest" / "logs", kept / "logs", symlinks=True, dirs_exist_ok=True)
 
 
 def _kill_stragglers(tag: str, grace: float = 20) -> None:

@@ -20,9 +20,7 @@ import copy
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import torch
