@@ -32,6 +32,21 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 mute_ray_data_usage_poller()
 
 
+def _share_the_cores_between_xdist_workers() -> None:
+    """Each pytest-xdist worker (and what it starts: job subprocesses, the session's Ray head) gets its
+    share of the cores for torch's threads. By default every process takes all of them, and OpenMP's
+    threads then spin-wait for cores the other worker holds: on 2 cores and 2 workers the in-process
+    tests took 1.5x the wall time and 1.7x the CPU (bench/RESULTS.md, "the suite's time")."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_the_cores_between_xdist_workers()
+
+
 def tiny_wan(seed: int = 0, **overrides) -> CausalWanModel:
     torch.manual_seed(seed)
     return CausalWanModel(**{**WAN_CONFIGS["tiny"], **overrides}).eval()
