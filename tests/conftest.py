@@ -28,6 +28,12 @@ from tests.browser import free_port
 # to 2 s more to be noticed; the suite runs ~30 short runs, on Ray clusters that inherit this process's
 # environment (the session's head, the quickstart's own instance).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Each worker group also gets an actor that watches for cloud nodes being drained (spot preemption):
+# one more process per group start (~3 s of CPU to import Ray Train), with nothing to watch on one machine.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# No usage reports from a test session (`ray start --disable-usage-stats` does not reach Ray Data,
+# which otherwise starts a usage-collection actor on every cluster the suite starts).
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # This process is a Ray driver too (tests run Ray Data in it): as in every job's driver.
 mute_ray_data_usage_poller()
 

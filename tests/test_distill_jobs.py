@@ -54,12 +54,13 @@ def run_job(script: str, *args: str) -> str:
 
 
 def cluster_tracking_server_command(port: int, home: Path, credentials: Path, artifacts: str) -> str:
-    """The head's `mlflow server` command from cluster.yaml, moved to loopback, a free port and `home`."""
+    """The head's `mlflow server` command from cluster.yaml, moved to loopback, a free port and `home`,
+    with one request worker instead of the default four (each is a process importing MLflow)."""
     command = next(c for c in yaml.safe_load((REPO / "cluster.yaml").read_text())["head_start_ray_commands"] if "mlflow server --" in c)
     moved = (command.replace("$(hostname -I | awk '{print $1}')", "127.0.0.1").replace("--port 5000", f"--port {port}").replace(":5000", f":{port}")
              .replace("~/.oneforce/mlflow.env", str(credentials)).replace("$HOME/mlflow", str(home)).replace("~/mlflow", str(home))
-             .replace("s3://YOUR-BUCKET/oneforce/mlflow-artifacts", artifacts))
-    assert "0.0.0.0" not in moved and "YOUR-BUCKET" not in moved and "~" not in moved, moved
+             .replace("s3://YOUR-BUCKET/oneforce/mlflow-artifacts", artifacts).replace("mlflow server ", "mlflow server --workers 1 "))
+    assert "0.0.0.0" not in moved and "YOUR-BUCKET" not in moved and "~" not in moved and moved.count("--workers 1") == 1, moved
     return moved
 
 
