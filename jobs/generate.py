@@ -16,27 +16,26 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import ray
-from tqdm import tqdm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` without an install
 
-from actors.generator import GeneratorStage
-from jobs.cli import run_main
-from pipeline import data
-from pipeline.checkpoint import export_settings
-from pipeline.config import Config, load_config
-from pipeline.failures import Interrupted, init_ray, interrupt_signal
-from pipeline.models.loading import check_checkpoint, check_generation_inputs
-from pipeline.planning import (
-    SHOWN_BAD_LINES, ClipPlan, existing_files, parse_prompt_files, plan_clips, ray_resources, read_manifest, write_manifest,
-)
-from pipeline.storage import check_exists, check_writable, naming
-from pipeline.tracking import open_tracker
+# Only what parsing the command line needs at the top: torch, Ray and the models load inside the
+# functions, so that a mistyped flag or a missing file is reported in a second, not after ~8 s of imports.
+from jobs.cli import run_main  # noqa: E402
+from pipeline.config import Config, load_config  # noqa: E402
+
+if TYPE_CHECKING:
+    from pipeline.planning import ClipPlan
+
 
 def summary_lines(plan: ClipPlan, new: list[dict[str, Any]], seconds: float) -> list[str]:
+    from pipeline.planning import SHOWN_BAD_LINES
+
     lines = [
         f"prompt lines read: {plan.lines}",
         f"skipped bad lines: {len(plan.bad)}",
@@ -57,10 +56,16 @@ def summary_lines(plan: ClipPlan, new: list[dict[str, Any]], seconds: float) -> 
 def preflight(checkpoint: str, prompts: str, out: str, student_arch: str) -> list[str]:
     """The checks the driver makes in a second, before Ray and MLflow start; returns the prompt files.
     A single weights file is read as `student_arch` (model.student_arch); a directory carries its own."""
+    from pipeline.storage import check_exists, check_writable, naming
+
     check_exists(checkpoint, "--checkpoint")
+    from pipeline import data
+
     with naming(prompts, "--prompts"):
         files = data.list_files(prompts)
     check_writable(out, "--out")
+    from pipeline.models.loading import check_checkpoint
+
     check_checkpoint(checkpoint, student_arch)  # config.json and tensor headers only
     return files
 
@@ -69,6 +74,14 @@ def run(cfg: Config, checkpoint: str, prompts: str, out: str) -> tuple[ClipPlan,
     """The whole job on an initialised Ray: returns the plan and the manifest rows of new clips. The
     manifest is rewritten after every finished batch and when the run stops early (Ctrl-C, SIGTERM, an
     error), so a rerun regenerates only the clips that were not finished."""
+    import ray.data
+    from tqdm import tqdm
+
+    from actors.generator import GeneratorStage
+    from pipeline.failures import Interrupted, interrupt_signal
+    from pipeline.planning import existing_files, parse_prompt_files, plan_clips, ray_resources, read_manifest, write_manifest
+    from pipeline.storage import naming
+
     files = preflight(checkpoint, prompts, out, cfg.model.student_arch)
     parsed = parse_prompt_files(files, cfg.generate.max_prompt_chars, "generate.max_prompt_chars")
     with naming(out, "--out"):
@@ -105,6 +118,10 @@ def run(cfg: Config, checkpoint: str, prompts: str, out: str) -> tuple[ClipPlan,
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
     preflight(args.checkpoint, args.prompts, args.out, cfg.model.student_arch)
+    from pipeline.checkpoint import export_settings
+    from pipeline.failures import init_ray
+    from pipeline.tracking import open_tracker
+
     settings = export_settings(args.checkpoint)
     if settings:  # what the student was trained with, under the user's --config and overrides
         cfg = load_config(args.config, args.overrides, base=settings)
@@ -134,6 +151,8 @@ def extra_args(parser: argparse.ArgumentParser) -> None:
 
 def check(cfg: Config, args: argparse.Namespace) -> None:
     """--dry-run: the checkpoint's layout and shapes, and the text encoder and codec it would fall back to."""
+    from pipeline.models.loading import check_generation_inputs
+
     check_generation_inputs(args.checkpoint, cfg.model)
 
 

@@ -16,30 +16,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 import tempfile
 import time
 from collections import Counter
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import ray
-from tqdm import tqdm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` without an install
 
-from actors.encoder import TextEncoderStage, VideoEncoderStage
-from actors.teacher import TeacherSamplerStage
-from jobs.cli import run_main
-from pipeline import data
-from pipeline.config import Config
-from pipeline.failures import about, init_ray
-from pipeline.flow import sampling_timesteps, schedule_through
-from pipeline.models.loading import check_model_paths, load_text_encoder, teacher_config, teacher_id
-from pipeline.planning import SHOWN_BAD_LINES, RowPlan, merge, parse_prompt_files, plan_rows, ray_resources
-from pipeline.rollout import training_steps
-from pipeline.storage import check_writable, naming
-from pipeline.tracking import open_tracker
+# Only what parsing the command line needs at the top: torch, Ray and the models load inside the
+# functions, so that a bad setting or a missing file is reported in a second, not after ~8 s of imports.
+from jobs.cli import run_main  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+
+if TYPE_CHECKING:
+    from pipeline.planning import RowPlan
 
 def teacher_schedule(cfg: Config) -> tuple[list[float], list[float]]:
     """(the teacher's ODE timesteps, the trajectory points kept), the latter warped like the student's
     denoising steps and inserted into the former so the solve lands on them exactly."""
+    from pipeline.flow import sampling_timesteps, schedule_through
+    from pipeline.rollout import training_steps
+
     keep = training_steps(cfg.data.trajectory_steps, cfg.method.shift, cfg.method.warp_denoising_steps)
     return schedule_through(sampling_timesteps(cfg.data.teacher_steps, cfg.method.shift), keep), keep
 
@@ -54,9 +53,12 @@ def preprocess_settings(cfg: Config) -> dict[str, Any]:
     }
 
 
-@ray.remote
 def _encode_negative(model: dict[str, Any], prompt: str) -> tuple[Any, str]:
+    """The negative prompt's embedding (packed) and its dtype: a Ray task on the encoders' resources."""
+    from pipeline import data
     from pipeline.config import ModelConfig, build
+    from pipeline.failures import about
+    from pipeline.models.loading import load_text_encoder
 
     with about("model.text_encoder_path", model["text_encoder_path"]):
         encoder = load_text_encoder(build(ModelConfig, model))
@@ -70,6 +72,10 @@ MODEL_PATHS = ["teacher_path", "text_encoder_path", "codec"]  # the weights this
 def preflight(cfg: Config) -> None:
     """What the driver can check in a second, before Ray and the MLflow run start (each of these used to
     surface from a Ray worker after half a minute of start-up): settings, inputs, the output."""
+    from pipeline import data
+    from pipeline.models.loading import check_model_paths
+    from pipeline.storage import check_writable, naming
+
     if not (cfg.data.prompts or cfg.data.videos) or not cfg.data.output:
         raise ValueError("set data.prompts and/or data.videos (file, directory or glob) and data.output (directory, local or s3://)")
     for key, spec in (("data.prompts", cfg.data.prompts), ("data.videos", cfg.data.videos)):
@@ -81,6 +87,8 @@ def preflight(cfg: Config) -> None:
 
 
 def summary_lines(plan: RowPlan, written: int, seconds: float) -> list[str]:
+    from pipeline.planning import SHOWN_BAD_LINES
+
     reasons = Counter(b.reason.split(" (")[0] for b in plan.bad)
     lines = [
         f"prompt lines read: {plan.lines}",
@@ -97,6 +105,16 @@ def summary_lines(plan: RowPlan, written: int, seconds: float) -> list[str]:
 def run(cfg: Config) -> tuple[RowPlan, int]:
     """The whole job on an initialised Ray; returns the plan (with videos that failed added to its bad
     lines) and the number of rows written."""
+    import ray.data
+    from tqdm import tqdm
+
+    from actors.encoder import TextEncoderStage, VideoEncoderStage
+    from actors.teacher import TeacherSamplerStage
+    from pipeline import data
+    from pipeline.models.loading import teacher_config, teacher_id
+    from pipeline.planning import merge, parse_prompt_files, plan_rows, ray_resources
+    from pipeline.storage import naming
+
     preflight(cfg)
     with naming(cfg.data.output, "data.output"):
         written_before = data.written_ids(cfg.data.output)
@@ -109,7 +127,7 @@ def run(cfg: Config) -> tuple[RowPlan, int]:
         plans.append(plan_rows(parsed, cfg.data.seed, written_before, kind="real"))
 
     model = dataclasses.asdict(cfg.model)
-    packed, text_dtype = ray.get(_encode_negative.options(**ray_resources(cfg.ray.encoder_resources)).remote(model, cfg.method.negative_prompt))
+    packed, text_dtype = ray.get(ray.remote(_encode_negative).options(**ray_resources(cfg.ray.encoder_resources)).remote(model, cfg.method.negative_prompt))
     negative = data.unpack(packed, text_dtype)
     arch = teacher_config(cfg.model)
     latent_shape = (arch["in_channels"], cfg.model.num_latent_frames, cfg.model.latent_height, cfg.model.latent_width)
@@ -168,6 +186,9 @@ def run(cfg: Config) -> tuple[RowPlan, int]:
 
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.failures import init_ray
+    from pipeline.tracking import open_tracker
+
     preflight(cfg)
     init_ray(cfg.ray.address)
     start = time.perf_counter()
@@ -185,5 +206,12 @@ def main(cfg: Config, args: argparse.Namespace) -> None:
             tracker.close()  # FAILED or KILLED when an exception or a signal is on its way out
 
 
+def check(cfg: Config, args: argparse.Namespace) -> None:
+    """--dry-run: every weight path's layout and shapes (headers and listings only)."""
+    from pipeline.models.loading import check_model_paths
+
+    check_model_paths(cfg.model, MODEL_PATHS)
+
+
 if __name__ == "__main__":
-    run_main(main, __doc__.splitlines()[0], check=lambda cfg, args: check_model_paths(cfg.model, MODEL_PATHS))
+    run_main(main, __doc__.splitlines()[0], check=check)

@@ -30,18 +30,17 @@ import threading
 from importlib.resources import files
 from typing import Any
 
+# Torch, Ray and the models load inside the functions (as in jobs/generate.py): a bad flag or a missing
+# checkpoint is reported in a second.
 from jobs.cli import run_main
-from pipeline.checkpoint import export_settings
 from pipeline.config import Config, load_config
-from pipeline.failures import init_ray
-from pipeline.generation import GenerationSettings
-from pipeline.models.loading import check_checkpoint, check_generation_inputs
-from pipeline.planning import ray_resources
 
 APP_NAME = "oneforce-stream"
 
 
 def limits(cfg: Config) -> dict[str, int]:
+    from pipeline.generation import GenerationSettings
+
     settings = GenerationSettings.from_config(cfg)
     return {"max_prompt_chars": cfg.generate.max_prompt_chars, "max_blocks": cfg.serve.max_blocks,
             "frames_per_block": settings.frames_per_block, "clip_blocks": settings.num_blocks,
@@ -51,6 +50,7 @@ def limits(cfg: Config) -> dict[str, int]:
 def build_app(cfg: Config, checkpoint: str, token: str = ""):
     """The Serve application: ingress, registry and replicas, bound with the config's options."""
     from actors.streaming import StreamIngress, StreamRegistry, StreamReplica
+    from pipeline.planning import ray_resources
 
     s = cfg.serve
     replicas: dict[str, Any] = {"num_replicas": s.num_replicas}
@@ -77,6 +77,13 @@ def start(cfg: Config, checkpoint: str) -> str:
 
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.storage import check_exists
+
+    check_exists(args.checkpoint, "--checkpoint")  # before the imports below: a mistyped path fails in a second
+    from pipeline.checkpoint import export_settings
+    from pipeline.failures import init_ray
+    from pipeline.models.loading import check_checkpoint
+
     check_checkpoint(args.checkpoint, cfg.model.student_arch)  # its existence first, then layout and shapes
     settings = export_settings(args.checkpoint)
     if settings:  # what the student was trained with, under the user's --config and overrides
@@ -105,6 +112,8 @@ def extra_args(parser: argparse.ArgumentParser) -> None:
 
 def check(cfg: Config, args: argparse.Namespace) -> None:
     """--dry-run: the checkpoint's layout and shapes, and the text encoder and codec it would fall back to."""
+    from pipeline.models.loading import check_generation_inputs
+
     check_generation_inputs(args.checkpoint, cfg.model)
 
 

@@ -14,14 +14,15 @@ import torch
 
 from pipeline.config import Config, ModelConfig
 from pipeline.failures import about
-from pipeline.models.text import TextEncoder
 from pipeline.models.wan_weights import WAN_CONFIGS, cast_like_from_pretrained, load_wan, locate_dit, to_diffusers_keys
 from pipeline.storage import check_exists, is_local, load_pickled_tensors, naming
 
-# The DiT and the critic (diffusers) are imported where they are built: see pipeline/models/wan_weights.py.
+# The DiT and the critic (diffusers) and the text encoder (transformers) are imported where they are
+# built (see pipeline/models/wan_weights.py): the checks on paths and headers need neither.
 if TYPE_CHECKING:
     from pipeline.models.causal_wan import CausalWanModel
     from pipeline.models.discriminator import Critic
+    from pipeline.models.text import TextEncoder
 
 RANDOM_INIT_SEED = 0
 
@@ -53,6 +54,8 @@ def teacher_id(cfg: ModelConfig) -> str:
 
 def load_text_encoder(cfg: ModelConfig, device: str | torch.device = "cpu") -> TextEncoder:
     """umT5 from `text_encoder_path` (a Wan checkout or a saved folder), or the toy world's encoder."""
+    from pipeline.models.text import TextEncoder
+
     encoder = TextEncoder.from_pretrained(cfg.text_encoder_path, dtype=torch_dtype(cfg.dtype)) if cfg.text_encoder_path else TextEncoder.toy()
     return encoder.to(device)
 
