@@ -42,7 +42,7 @@ def _share_the_cores_between_xdist_workers() -> None:
     """Each pytest-xdist worker (and what it starts: job subprocesses, the session's Ray head) gets its
     share of the cores for torch's threads. By default every process takes all of them, and OpenMP's
     threads then spin-wait for cores the other worker holds: on 2 cores and 2 workers the in-process
-    tests took 1.5x the wall time and 1.7x the CPU (bench/RESULTS.md, "the suite's time")."""
+    tests took 1.4x the wall time and 1.7x the CPU (bench/RESULTS.md, "the suite's time, session 16")."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, len(os.sched_getaffinity(0)) // workers)
