@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.storage import check_bucket, is_local, user_path
+from pipeline.storage import check_bucket, is_local, is_url, user_path
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 TENSOR_COLUMNS = ("text_embedding", "latent", "trajectory")
@@ -126,7 +126,7 @@ def read_prompt_file(path: str, max_chars: int, max_chars_key: str = "data.max_p
     folder = path.rsplit("/", 1)[0]
     for line, fields in rows:
         item = _validate(path, line, fields, max_chars, max_chars_key)
-        if isinstance(item, PromptLine) and item.video and "://" not in item.video and not item.video.startswith("/"):
+        if isinstance(item, PromptLine) and item.video and not is_url(item.video) and not item.video.startswith("/"):
             item = dataclasses.replace(item, video=f"{folder}/{item.video}")
         yield item
 

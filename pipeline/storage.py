@@ -32,6 +32,12 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def is_url(path: str) -> bool:
+    """Whether a path as written names remote storage (`s3://bucket/...`) rather than a local path:
+    what is asked of a setting before any filesystem is opened (`is_local` asks it of an opened one)."""
+    return "://" in path
+
+
 def user_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """`path` as the user would write it: with its protocol (s3://...) unless it is local."""
     return path if is_local(fs) else fs.unstrip_protocol(path)

@@ -52,6 +52,7 @@ from pipeline.distill import (
 from pipeline.distributed import gather_ids, mean_over_ranks, peak_rss_mb
 from pipeline.engines import DeepSpeedOptimised
 from pipeline.models.loading import load_critic, load_student, load_teacher
+from pipeline.storage import is_url
 
 Mode = Literal["distill", "ode_init"]
 STATE_FILE, WEIGHTS_FILE, EMA_FILE = "state.json", "weights.safetensors", "ema.safetensors"
@@ -257,7 +258,7 @@ def checkpoint_directory(target: str) -> Iterator[tuple[str, Any]]:
     half-written is never registered, so never resumed from; a rerun writes over it."""
     from ray.train import CheckpointUploadMode
 
-    if "://" not in target:
+    if not is_url(target):
         os.makedirs(target, exist_ok=True)
         yield target, CheckpointUploadMode.NO_UPLOAD
     else:
@@ -322,7 +323,7 @@ def run_name(cfg: Config) -> str:
 def storage_root(cfg: Config) -> str:
     """`train.storage_path` with `~` expanded for local paths (Ray Train wants absolute paths)."""
     path = cfg.train.storage_path
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+    return path if is_url(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def run_dir(cfg: Config, mode: Mode) -> str:
@@ -336,7 +337,7 @@ def with_absolute_paths(cfg: Config) -> Config:
     import dataclasses
 
     def absolute(path: str) -> str:
-        return os.path.abspath(path) if path and "://" not in path and not path.startswith("patch:") else path
+        return os.path.abspath(path) if path and not is_url(path) and not path.startswith("patch:") else path
 
     model = dataclasses.replace(cfg.model, **{k: absolute(getattr(cfg.model, k)) for k in (
         "teacher_path", "student_init_path", "student_path", "critic_path", "text_encoder_path", "codec")})
@@ -348,7 +349,7 @@ def with_absolute_paths(cfg: Config) -> Config:
 def ray_storage(root: str):
     """(storage_path, storage_filesystem) for Ray Train: URLs go through the same fsspec filesystem as
     every other s3:// path of the project (credentials and endpoint from the same environment)."""
-    if "://" not in root:
+    if not is_url(root):
         return root, None
     import fsspec
     from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -510,7 +511,7 @@ def launch(cfg: Config, mode: Mode, teacher: RealScore | None = None, critic: An
         uri, run_id = tracker.uri, tracker.run_id
     try:
         result = fit(cfg, mode, teacher, uri, run_id, critic)
-        exported = export_latest(cfg, mode, result.checkpoint.path if "://" not in directory else None)
+        exported = export_latest(cfg, mode, result.checkpoint.path if not is_url(directory) else None)
     except BaseException:
         tracker.close()
         raise
