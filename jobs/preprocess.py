@@ -33,6 +33,7 @@ from pipeline.config import Config  # noqa: E402
 if TYPE_CHECKING:
     from pipeline.planning import RowPlan
 
+
 def teacher_schedule(cfg: Config) -> tuple[list[float], list[float]]:
     """(the teacher's ODE timesteps, the trajectory points kept), the latter warped like the student's
     denoising steps and inserted into the former so the solve lands on them exactly."""

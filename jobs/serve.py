@@ -79,12 +79,14 @@ def start(cfg: Config, checkpoint: str) -> str:
 def main(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline.storage import check_exists
 
-    check_exists(args.checkpoint, "--checkpoint")  # before the imports below: a mistyped path fails in a second
+    # check_checkpoint asks this too, but only after importing torch and the model code (~2 s): a
+    # mistyped path is reported before them.
+    check_exists(args.checkpoint, "--checkpoint")
     from pipeline.checkpoint import export_settings
     from pipeline.failures import init_ray
     from pipeline.models.loading import check_checkpoint
 
-    check_checkpoint(args.checkpoint, cfg.model.student_arch)  # its existence first, then layout and shapes
+    check_checkpoint(args.checkpoint, cfg.model.student_arch)  # layout and shapes
     settings = export_settings(args.checkpoint)
     if settings:  # what the student was trained with, under the user's --config and overrides
         cfg = load_config(args.config, args.overrides, base=settings)
