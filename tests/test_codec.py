@@ -1,5 +1,7 @@
 """Codecs: the toy patch codec is exact; the Wan VAE wrapper applies Wan's latent normalisation."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -87,6 +89,14 @@ def test_wan_vae_codec_shapes_and_normalisation(tiny_vae):
     assert decoded.shape == video.shape and torch.allclose(decoded, expected, atol=1e-5)
     with pytest.raises(ValueError, match="1 \\+ 4n frames"):
         codec.encode(_video(b=1, t=8, h=16, w=16))
+
+
+def test_wan_vae_codec_keeps_its_statistics_on_the_vae_s_device(tiny_vae):
+    """A VAE moved to the GPU before it is wrapped (bench/gpu.py did this) must not leave the latent
+    statistics on the CPU: the first decode would mix devices. The meta device stands in for the GPU."""
+    codec = WanVAECodec(copy.deepcopy(tiny_vae).to("meta"))
+    assert codec.latents_mean.device.type == codec.latents_std.device.type == "meta"
+    assert codec.decode(torch.zeros(1, 4, 1, 2, 2, device="meta")).device.type == "meta"
 
 
 def test_wan_vae_stream_decodes_only_the_new_frames_and_equals_the_whole_decode(tiny_vae):

@@ -147,8 +147,10 @@ class WanVAECodec(nn.Module):
         self.spatial_factor = config.scale_factor_spatial
         self.temporal_factor = config.scale_factor_temporal
         shape = (1, config.z_dim, 1, 1, 1)
-        self.register_buffer("latents_mean", torch.tensor(config.latents_mean, dtype=torch.float32).view(shape), False)
-        self.register_buffer("latents_std", torch.tensor(config.latents_std, dtype=torch.float32).view(shape), False)
+        # On the VAE's device, so wrapping a VAE already moved to the GPU needs no second `.to`.
+        stats = {"dtype": torch.float32, "device": vae.device}
+        self.register_buffer("latents_mean", torch.tensor(config.latents_mean, **stats).view(shape), False)
+        self.register_buffer("latents_std", torch.tensor(config.latents_std, **stats).view(shape), False)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> WanVAECodec:
