@@ -19,6 +19,7 @@ Writes bench/results/gpu-<date>.json (or --out) and prints a section for bench/R
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -26,6 +27,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -120,10 +122,12 @@ def distillation_step(device: torch.device, size: dict) -> dict:
                  for key in ("path", "arch")] + [
         "model.student_init_path=''", "model.text_encoder_path=''", "model.codec=''",
         f"model.num_latent_frames={size['frames']}", f"model.latent_height={size['height']}",
-        f"model.latent_width={size['width']}", "ray.num_workers=1", "ray.teacher_actors=0", "ray.critic_placement=trainer",
+        f"model.latent_width={size['width']}", "ray.num_workers=1", "train.batch_size=1", "ray.teacher_actors=0",
+        "ray.critic_placement=trainer",
+        "train.ema_start_step=0",  # the EMA is resident from its start step on: measure the steady state
         "method.gen_every=1", f"method.gradient_num_blocks={min(17, size['frames'])}",
     ]
-    if arch == "tiny":
+    if not arch.startswith("wan"):
         overrides += ["method.discriminator.feature_layers=[0, 1]"]
     cfg = load_config(str(REPO / "configs" / "wan_1_3b_framewise.yaml"), overrides)
     student = DeepSpeedOptimised(load_student(cfg.model, device, checkpointing=cfg.train.gradient_checkpointing), cfg.train.lr, cfg, 1)
@@ -146,13 +150,44 @@ def distillation_step(device: torch.device, size: dict) -> dict:
         sync(device)
         seconds.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # between steps: model states
     planned = capacity.plan(cfg, capacity.load_cluster(REPO / "cluster.yaml"))
-    student_role = next(r for r in planned.roles if r.role == "student")
+    role = next(r for r in planned.roles if r.role == "student")  # teacher and critic merged into it
+    step = statistics.median(seconds[1:])
+    result = {"s_per_step": round(step, 3), "peak_gb": round(peak / 1e9, 2), "resident_gb": round(resident / 1e9, 2),
+              "predicted_gb": round(role.total / 1e9, 2),
+              "predicted_resident_gb": round((role.summed("states") - role.summed("update_states")) / 1e9, 2),
+              "predicted_turns_gb": {r.role: round(r.phase / 1e9, 2) for r in (role, *role.inside)},
+              "predicted_tflop_per_step": float(f"{role.tflop_per_step:.4g}")}
+    try:  # after the figures above: on the first H200 run the counted step ran out of memory
+        counted = counted_flops(lambda: distill_step(ctx, batch, size["steps"]), device)
+        result |= {"counted_tflop_per_step": float(f"{counted / 1e12:.4g}"), "achieved_tflops": round(counted / 1e12 / step, 1)}
+    except torch.OutOfMemoryError as err:
+        result["counted_error"] = f"OutOfMemoryError: {str(err).splitlines()[0]}"
     dist.destroy_process_group()
-    return {"s_per_step": round(statistics.median(seconds[1:]), 3), "peak_gb": round(peak / 1e9, 2),
-            "predicted_gb": round(student_role.total / 1e9, 2),
-            "predicted_tflop_per_step": round(student_role.tflop_per_step, 1),
-            "achieved_tflops": round(student_role.tflop_per_step / statistics.median(seconds[1:]), 1)}
+    return result
+
+
+def counted_flops(step, device: torch.device) -> float:
+    """The FLOPs one more step executes, counted op by op by torch (recomputation under checkpointing
+    included): what the GPU really did, independent of the planner's formula. On the CPU attention runs
+    on SDPA's math path, whose matrix products the counter sees (it has no formula for the CPU kernel)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kernels = sdpa_kernel([SDPBackend.MATH]) if device.type == "cpu" else contextlib.nullcontext()
+    with kernels, FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def attempt(measure, device: torch.device, size: dict) -> dict:
+    """The part's figures, or its error (traceback printed) so that the parts after it still run."""
+    try:
+        return measure(device, size)
+    except Exception as err:  # noqa: BLE001 - recorded and reported, then the run exits 1
+        traceback.print_exc()
+        return {"error": f"{type(err).__name__}: {err}"}
 
 
 def section(result: dict) -> str:
@@ -160,14 +195,28 @@ def section(result: dict) -> str:
     lines.append(f"## On a GPU: `python bench/gpu.py` ({result['date']}, {m.get('gpu', m['device'])})")
     lines.append(f"torch {m['torch']}, CUDA {m.get('cuda', '-')}, NCCL {m.get('nccl', '-')}, "
                  f"flash SDPA for bf16: {m.get('flash_sdpa_bf16', '-')}\n")
-    lines.append("| generation (Wan 1.3B arch, random init, bf16) | first block ms | ms / latent frame | clip s |")
-    lines.append("|---|---|---|---|")
-    for name, r in result["generation"].items():
-        lines.append(f"| {name} | {r['first_block_ms']} | {r['ms_per_latent_frame']} | {r['clip_s']} |")
+    if "error" in result["generation"]:
+        lines.append(f"Generation failed: {result['generation']['error']}")
+    else:
+        lines.append("| generation (Wan 1.3B arch, random init, bf16) | first block ms | ms / latent frame | clip s |")
+        lines.append("|---|---|---|---|")
+        for name, r in result["generation"].items():
+            lines.append(f"| {name} | {r['first_block_ms']} | {r['ms_per_latent_frame']} | {r['clip_s']} |")
     d = result["distillation"]
-    lines.append(f"\nOne distillation step, every role on the GPU: {d['s_per_step']} s/step, peak {d['peak_gb']} GB "
-                 f"(planner: {d['predicted_gb']} GB; {d['predicted_tflop_per_step']} TFLOP/step, so "
-                 f"{d['achieved_tflops']} TFLOP/s achieved)")
+    if "error" in d:
+        lines.append(f"\nThe distillation step failed: {d['error']}")
+        return "\n".join(lines)
+    counted = (f"{d['counted_tflop_per_step']} TFLOP counted by torch, so {d['achieved_tflops']} TFLOP/s achieved"
+               if "counted_tflop_per_step" in d else f"FLOPs not counted ({d.get('counted_error')})")
+    lines.append(f"\nOne distillation step, every role on one device: {d['s_per_step']} s/step; {counted} "
+                 f"(planner: {d['predicted_tflop_per_step']} TFLOP/step).\n")
+    turns = ", ".join(f"{role} {gb}" for role, gb in d["predicted_turns_gb"].items())
+    lines.append("| memory, GB | measured | planner |")
+    lines.append("|---|---|---|")
+    lines.append(f"| peak | {d['peak_gb']} | {d['predicted_gb']} |")
+    lines.append(f"| between steps (weights, fp32 masters, Adam, EMA) | {d['resident_gb']} | {d['predicted_resident_gb']} |")
+    lines.append(f"| peak - between steps | {round(d['peak_gb'] - d['resident_gb'], 2)} | "
+                 f"{round(d['predicted_gb'] - d['predicted_resident_gb'], 2)} (the largest turn of: {turns}) |")
     return "\n".join(lines)
 
 
@@ -180,12 +229,16 @@ def main() -> None:
     device = torch.device(args.device)
     size = TINY if args.tiny else FULL
     date = datetime.date.today().isoformat()
-    result = {"date": date, "size": size, "machine": machine(device), "generation": generation(device, size),
-              "distillation": distillation_step(device, size)}
+    result = {"date": date, "size": size, "machine": machine(device)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"gpu-{date}{'-tiny' if args.tiny else ''}.json").write_text(json.dumps(result, indent=1) + "\n")
+    for name, measure in (("generation", generation), ("distillation", distillation_step)):
+        result[name] = attempt(measure, device, size)
+        # Written after each part: a lent GPU's minutes are few, and a later failure must not lose them.
+        (out / f"gpu-{date}{'-tiny' if args.tiny else ''}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(section(result))
+    if any("error" in result[name] for name in ("generation", "distillation")):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
