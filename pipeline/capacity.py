@@ -251,8 +251,9 @@ def count_parameters(build) -> int:
 
 
 def trained_states_bytes(params: int, zero_stage: int, ranks: int, bf16: bool, ema: bool) -> tuple[float, float]:
-    """(ours, DeepSpeed's estimator) model states per GPU of a trained role. Ours adds the EMA's share
-    and the reduce buckets to the estimator's figure; fp32 without ZeRO is 16 bytes a parameter."""
+    """(ours, DeepSpeed's estimator) model states per GPU of a trained role at its peak, inside its own
+    update. Ours adds the EMA's share and the reduce buckets to the estimator's figure; fp32 without ZeRO
+    is 16 bytes a parameter."""
     from pipeline.engines import BUCKET_ELEMENTS
 
     if not bf16 and zero_stage == 0:
@@ -270,6 +271,23 @@ def trained_states_bytes(params: int, zero_stage: int, ranks: int, bf16: bool, e
     buckets = 2 * 4 * BUCKET_ELEMENTS if zero_stage >= 2 else 4 * BUCKET_ELEMENTS
     ours = estimate + (4 * params / ranks if ema else 0) + min(buckets, 4 * params)
     return ours, estimate
+
+
+def update_states_bytes(params: int, zero_stage: int, ranks: int, bf16: bool) -> float:
+    """The part of `trained_states_bytes` that lives only while the role updates: gradients (bf16 and
+    their fp32 partition; fp32 without ZeRO) and the reduce buckets. Between updates DeepSpeed has freed
+    them: on an H200 (bench/RESULTS.md) the resident memory between steps was the bf16 weights, fp32
+    masters and Adam moments alone, within 0.3%."""
+    from pipeline.engines import BUCKET_ELEMENTS
+
+    if not bf16 and zero_stage == 0:
+        grads = 4 * params
+    elif zero_stage == 1:  # the bf16 gradients whole, their fp32 copy partitioned
+        grads = 2 * params + 4 * params / ranks
+    else:
+        grads = 6 * params / ranks
+    buckets = 2 * 4 * BUCKET_ELEMENTS if zero_stage >= 2 else 4 * BUCKET_ELEMENTS
+    return grads + min(buckets, 4 * params)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -290,11 +308,26 @@ class RolePlan:
     transient: float
     tflop_per_step: float  # this role's whole work per training step, over all its GPUs
     deepspeed_estimate: float = 0.0
+    update_states: float = 0.0  # the part of `states` alive only during this role's own update
     notes: list[str] = field(default_factory=list)
+    inside: list[RolePlan] = field(default_factory=list)  # trained roles that take their turn in these GPUs
+
+    @property
+    def phase(self) -> float:
+        """What this role holds above its resident states during its own part of a step."""
+        return self.update_states + self.activations + self.kv_cache + self.transient
 
     @property
     def total(self) -> float:
-        return self.states + self.activations + self.kv_cache + self.transient
+        """Resident states of every role on these GPUs plus the largest phase: the roles inside a Train
+        worker take turns (the critic's update, then the generator's), so one at a time holds gradients
+        and activations. For a role alone this is states + activations + KV + transient."""
+        roles = [self, *self.inside]
+        return sum(r.states - r.update_states for r in roles) + max(r.phase for r in roles)
+
+    def summed(self, name: str) -> float:
+        """A column of the table for these GPUs: this role's figure plus those of the roles inside it."""
+        return sum(getattr(r, name) for r in (self, *self.inside))
 
     @property
     def seconds_per_step(self) -> float:
@@ -425,8 +458,8 @@ def _student_role(run: _Run) -> RolePlan:
         ode_init = t.batch_size * _forward_held(run.table, arch, layers, run.clip_tokens, run.text_tokens, checkpointing)
         return max(rollout, ode_init)
 
-    params = run.student_params
-    states, estimate = trained_states_bytes(params, t.zero_stage, run.cfg.ray.num_workers, m.dtype == "bfloat16", ema=True)
+    params, bf16, ranks = run.student_params, m.dtype == "bfloat16", run.cfg.ray.num_workers
+    states, estimate = trained_states_bytes(params, t.zero_stage, ranks, bf16, ema=True)
     kv = kv_cache_bytes(arch, layers=layers, batch=t.batch_size, cached_frames=m.num_latent_frames - m.frames_per_block,
                         tokens_per_frame=run.tokens_per_frame, dtype_bytes=run.dtype_bytes)
     ckpt = t.gradient_checkpointing
@@ -434,8 +467,8 @@ def _student_role(run: _Run) -> RolePlan:
     critic_step = rollout_flops(arch, layers, m.num_blocks, run.block_tokens, run.text_tokens, 0, ckpt)
     flops = run.global_batch * (run.generator_share * generator + critic_step)
     gpu = _role_gpu(run.cfg.ray.resources_per_worker, run.gpus)
-    return RolePlan("student", run.cfg.ray.num_workers, gpu, params, states, activations(ckpt), activations(not ckpt), kv,
-                    0.0, flops / 1e12, estimate)
+    return RolePlan("student", ranks, gpu, params, states, activations(ckpt), activations(not ckpt), kv,
+                    0.0, flops / 1e12, estimate, update_states_bytes(params, t.zero_stage, ranks, bf16))
 
 
 def _teacher_role(run: _Run) -> RolePlan:
@@ -474,18 +507,22 @@ def _critic_role(run: _Run) -> RolePlan:
     train = 4 if t.gradient_checkpointing else 3
     forward = forward_flops(arch, arch["num_layers"], run.clip_tokens, run.clip_tokens, run.text_tokens)
     flops = run.global_batch * forward * (train * critic_forwards_with_grad(method) + run.generator_share * 4)
-    states, estimate = trained_states_bytes(params, t.zero_stage, ranks, run.cfg.model.dtype == "bfloat16", ema=False)
+    bf16 = run.cfg.model.dtype == "bfloat16"
+    states, estimate = trained_states_bytes(params, t.zero_stage, ranks, bf16, ema=False)
     gpu = _role_gpu(r.critic_resources if on_actors else r.resources_per_worker, run.gpus)
     return RolePlan("critic", ranks, gpu, params, states, update(t.gradient_checkpointing),
-                    update(not t.gradient_checkpointing), 0.0, 0.0, flops / 1e12, estimate)
+                    update(not t.gradient_checkpointing), 0.0, 0.0, flops / 1e12, estimate,
+                    update_states_bytes(params, t.zero_stage, ranks, bf16))
 
 
 def _merge(into: RolePlan, other: RolePlan, note: str) -> None:
-    """A role placed inside the Train workers: its memory and time are theirs."""
-    into.states += other.states
-    into.activations += other.activations
-    into.activations_other += other.activations_other
-    into.transient = max(into.transient, other.transient)
+    """A role placed inside the Train workers: its memory and time are theirs. A frozen teacher's weights
+    stay, and its forward falls in the generator's turn; a trained critic takes its own turn."""
+    if other.update_states:
+        into.inside.append(other)
+    else:
+        into.states += other.states
+        into.transient = max(into.transient, other.transient)
     into.tflop_per_step += other.tflop_per_step
     into.notes.append(note)
 
@@ -537,15 +574,20 @@ def format_plan(p: Plan) -> str:
              f"('other': with it {'off' if p.checkpointing else 'on'}); time at {MFU:.0%} MFU of the dense bf16 peak", head]
     for r in p.roles:
         lines.append(
-            f"{r.role:9} {r.count:>3} {r.gpu.name if r.gpu else '-':10} {r.params / 1e9:7.3f}B {r.states / GB:8.1f} "
-            f"{r.activations / GB:8.1f} {r.activations_other / GB:8.1f} {r.kv_cache / GB:7.1f} {r.transient / GB:9.1f} "
+            f"{r.role:9} {r.count:>3} {r.gpu.name if r.gpu else '-':10} {r.params / 1e9:7.3f}B "
+            f"{r.summed('states') / GB:8.1f} {r.summed('activations') / GB:8.1f} {r.summed('activations_other') / GB:8.1f} "
+            f"{r.summed('kv_cache') / GB:7.1f} {r.summed('transient') / GB:9.1f} "
             f"{r.total / GB:8.1f} {'yes' if r.fits else 'NO':>4} {r.tflop_per_step:10.1f} {r.seconds_per_step:7.2f}")
     for r in p.roles:
         for note in r.notes:
             lines.append(f"  {r.role}: {note}")
-        if r.deepspeed_estimate:
-            lines.append(f"  {r.role}: model states {r.states / GB:.1f} GB = DeepSpeed's estimator "
-                         f"{r.deepspeed_estimate / GB:.1f} GB + this project's EMA share and reduce buckets")
+        for part in (r, *r.inside):
+            if part.deepspeed_estimate:
+                lines.append(f"  {part.role}: model states {part.states / GB:.1f} GB = DeepSpeed's estimator "
+                             f"{part.deepspeed_estimate / GB:.1f} GB + this project's EMA share and reduce buckets")
+        if r.inside:
+            lines.append(f"  {r.role}: total = every role's resident states + the largest turn's gradients, "
+                         f"activations, KV and transient (the roles inside take turns within a step)")
     matching = ", ".join(f"{role} actors: {n}" for role, n in p.matching.items())
     verdict = "balanced" if p.balanced else "not balanced"
     lines.append(f"the step is bound by the {p.bound}; slowest/fastest role {p.spread:.2f} ({verdict}: within "
