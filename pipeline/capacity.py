@@ -320,8 +320,8 @@ class RolePlan:
     @property
     def total(self) -> float:
         """Resident states of every role on these GPUs plus the largest phase: the roles inside a Train
-        worker take turns (the critic's update, then the generator's), so one at a time holds gradients
-        and activations. For a role alone this is states + activations + KV + transient."""
+        worker take turns (on a generator step the generator's turn, then the critic's update), so one
+        at a time holds gradients and activations. For a role alone: states + activations + KV + transient."""
         roles = [self, *self.inside]
         return sum(r.states - r.update_states for r in roles) + max(r.phase for r in roles)
 
