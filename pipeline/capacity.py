@@ -17,9 +17,10 @@ role that does not fit its GPU, one line saying so.
 
 Model and its limits: a forward's FLOPs are its matmuls (2 per multiply-add) and attention scores; a
 backward costs two forwards and checkpointing one more; the bf16 peak is the dense one; the MFU (35%
-by default) is an assumption, not a measurement: `bench/gpu.py` measures the real one when a GPU is
-lent. Transient memory (one layer's activations in a frozen forward, the VAE) is estimated, not
-measured; a role fits when its total stays under 90% of the GPU's memory (CUDA context, allocator slack).
+by default) is an assumption; one H200 ran a whole step at 28-33% (bench/RESULTS.md). The FLOP count
+of a step is checked against torch's own count (tests/test_capacity.py). Transient memory (one layer's
+activations in a frozen forward, the VAE) is estimated, not measured; a role fits when its total stays
+under 90% of the GPU's memory (CUDA context, allocator slack).
 """
 
 from __future__ import annotations
@@ -504,9 +505,16 @@ def _critic_role(run: _Run) -> RolePlan:
                                    text_tokens=run.text_tokens, feature_layers=list(disc.feature_layers), method=method,
                                    checkpointing=checkpointing, dtype_bytes=run.dtype_bytes)
 
+    # A logits-only forward runs the whole trunk, but its backward (and recomputation) stops at the last
+    # tapped layer. The generator's feedback: the fake score (no grad), then the GAN loss's forward with
+    # its backward to the sample. Checked against torch's count of a step (tests/test_capacity.py).
     train = 4 if t.gradient_checkpointing else 3
-    forward = forward_flops(arch, arch["num_layers"], run.clip_tokens, run.clip_tokens, run.text_tokens)
-    flops = run.global_batch * forward * (train * critic_forwards_with_grad(method) + run.generator_share * 4)
+    full = forward_flops(arch, arch["num_layers"], run.clip_tokens, run.clip_tokens, run.text_tokens)
+    tapped = forward_flops(arch, max(disc.feature_layers) + 1, run.clip_tokens, run.clip_tokens, run.text_tokens)
+    logits = full + (train - 1) * tapped
+    update_flops = train * full + (critic_forwards_with_grad(method) - 1) * logits
+    feedback_flops = 2 * full + 2 * tapped
+    flops = run.global_batch * (update_flops + run.generator_share * feedback_flops)
     bf16 = run.cfg.model.dtype == "bfloat16"
     states, estimate = trained_states_bytes(params, t.zero_stage, ranks, bf16, ema=False)
     gpu = _role_gpu(r.critic_resources if on_actors else r.resources_per_worker, run.gpus)

@@ -74,6 +74,42 @@ def test_every_role_in_one_worker_is_planned_as_an_h200_measured_it():
     assert (role.total - ema) / 1e9 == pytest.approx(measured["peak_gb"], rel=0.10)
 
 
+@pytest.mark.parametrize("config, frames, grad_blocks, taps", [
+    (FRAMEWISE, 8, 6, "[0, 1]"),  # two GAN taps early: the backward of a logits-only forward stops there
+    (CHUNKWISE, 9, 2, "[3]"),  # blocks of 3 latent frames, with R1 and R2
+])
+def test_the_planners_flops_per_step_are_torchs_count_of_a_step(config, frames, grad_blocks, taps):
+    """The FLOPs torch counts op by op (FlopCounterMode, on SDPA's math path, whose matrix products it
+    sees) in one generator-and-critic step with every role in this process, checkpoint recomputation
+    included, against the planner's formula for that placement: the figure bench/gpu.py divides by a
+    step's time on a GPU. Toy width (4 layers), fp32, 16x16 latents, Wan's 512 text tokens."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline import distill
+
+    arch, grid, text = "toy", 16, capacity.WAN_TEXT_TOKENS
+    overrides = [f"model.{role}_{key}=" + ("''" if key == "path" else arch) for role in ("teacher", "student", "critic")
+                 for key in ("path", "arch")] + [
+        "model.student_init_path=''", "model.text_encoder_path=''", "model.codec=''", "model.dtype=float32",
+        f"model.num_latent_frames={frames}", f"model.latent_height={grid}", f"model.latent_width={grid}",
+        "ray.num_workers=1", "train.batch_size=1", "ray.teacher_actors=0", "ray.critic_placement=trainer",
+        "method.gen_every=1", f"method.gradient_num_blocks={grad_blocks}", f"method.discriminator.feature_layers={taps}"]
+    cfg = load_config(config, overrides)
+    assert cfg.train.gradient_checkpointing
+    g = torch.Generator().manual_seed(0)
+    ctx = distill.plain_context(cfg, torch.randn(text, 32, generator=g))
+    channels = ctx.student.module.config.in_channels
+    batch = distill.Batch(ids=["0"], text=torch.randn(1, text, 32, generator=g),
+                          latent=torch.randn(1, channels, frames, grid, grid, generator=g), indices=[0])
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        metrics = distill.distill_step(ctx, batch, 0)
+    assert metrics["generator_skipped"] == 0.0
+    planned = capacity.plan(cfg, capacity.load_cluster(REPO / "cluster.yaml"))
+    (role,) = [r for r in planned.roles if r.role == "student"]  # the teacher and the critic inside it
+    assert counter.get_total_flops() == pytest.approx(role.tflop_per_step * 1e12, rel=0.05)
+
+
 def test_the_rollout_prediction_is_within_20_percent_of_a_measured_true_width_rollout():
     """Framewise, 6 latent frames of a 16x16 latent, grad on the last 4, 2 layers at width 1536, bf16:
     what the rollout keeps for backward, measured as malloc's bytes in use, with and without checkpointing."""
