@@ -92,35 +92,34 @@ _RAY_RECORD = re.compile(r"^\[?\d{4}[-/]\d\d[-/]\d\d[ T]\d\d:\d\d:\d\d|^preproce
 # ---------------------------------------------------------------------------------------------------
 
 
-@ray.remote
-def _missing_file() -> None:
-    raise FileNotFoundError("model.teacher_path=/nope: no such file or directory")
-
-
-class _BrokenStage:
-    def __init__(self) -> None:
-        raise ValueError("model.codec=/broken: not a VAE folder")
-
-    def __call__(self, batch: dict) -> dict:
-        return batch
-
-
-def _bad_batch(batch: dict) -> dict:
-    raise KeyError("prompt")
-
-
 def test_errors_raised_in_ray_come_back_as_the_users_own(ray_local):
+    # Defined here, not at module level: Ray pickles a module-level function by reference, so each
+    # worker would import this test module, torch and the models with it (~10 s of CPU per worker).
+    @ray.remote
+    def missing_file() -> None:
+        raise FileNotFoundError("model.teacher_path=/nope: no such file or directory")
+
+    class BrokenStage:
+        def __init__(self) -> None:
+            raise ValueError("model.codec=/broken: not a VAE folder")
+
+        def __call__(self, batch: dict) -> dict:
+            return batch
+
+    def bad_batch(batch: dict) -> dict:
+        raise KeyError("prompt")
+
     with pytest.raises(Exception) as task:
-        ray.get(_missing_file.remote())
+        ray.get(missing_file.remote())
     assert failures.cause(task.value) == failures.Cause("FileNotFoundError", "model.teacher_path=/nope: no such file or directory", True)
 
     data = ray.data.range(4)
     with pytest.raises(Exception) as actor:  # ActorDiedError: Ray keeps the constructor's error as text only
-        data.map_batches(_BrokenStage, compute=ray.data.ActorPoolStrategy(size=1), batch_size=2).take_all()
+        data.map_batches(BrokenStage, compute=ray.data.ActorPoolStrategy(size=1), batch_size=2).take_all()
     assert failures.cause(actor.value) == failures.Cause("ValueError", "model.codec=/broken: not a VAE folder", True)
 
     with pytest.raises(Exception) as udf:  # RayTaskError(UserCodeException): the KeyError is in its text
-        data.map_batches(_bad_batch, batch_size=2).take_all()
+        data.map_batches(bad_batch, batch_size=2).take_all()
     found = failures.cause(udf.value)
     assert found.type_name == "KeyError" and found.line() == "'prompt'" and found.bad_input
 
