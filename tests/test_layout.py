@@ -126,3 +126,15 @@ def test_jobs_import_only_pipeline_and_actors():
                    and not (job.name == "quickstart.py" and n.module == "jobs")]
         modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         assert [m for m in modules if m.split(".")[0] == "jobs" and m != "jobs.cli"] == [], job.name
+
+
+def test_every_shipped_asset_is_in_the_package_data():
+    """A non-editable install (`pip install .`, a cluster image) carries only what package-data names:
+    the planner's measured activation bytes were left out once, and `jobs/plan.py` would have failed
+    there. The patterns, expanded as setuptools does, cover every file under pipeline/assets."""
+    import tomllib
+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pipeline"]
+    shipped = {p for pattern in patterns for p in (REPO / "pipeline").glob(pattern) if p.is_file()}
+    assets = {p for p in (REPO / "pipeline" / "assets").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert assets - shipped == set()
