@@ -255,8 +255,6 @@ def trained_states_bytes(params: int, zero_stage: int, ranks: int, bf16: bool, e
     """(ours, DeepSpeed's estimator) model states per GPU of a trained role at its peak, inside its own
     update. Ours adds the EMA's share and the reduce buckets to the estimator's figure; fp32 without ZeRO
     is 16 bytes a parameter."""
-    from pipeline.engines import BUCKET_ELEMENTS
-
     if not bf16 and zero_stage == 0:
         estimate = 16 * params
     elif zero_stage == 3:
@@ -269,9 +267,16 @@ def trained_states_bytes(params: int, zero_stage: int, ranks: int, bf16: bool, e
         estimate = estimate_zero2_model_states_mem_needs(params, ranks, 1, cpu_offload=False)[1]
         if zero_stage == 1:  # gradients not partitioned
             estimate += 2 * params * (1 - 1 / ranks)
-    buckets = 2 * 4 * BUCKET_ELEMENTS if zero_stage >= 2 else 4 * BUCKET_ELEMENTS
-    ours = estimate + (4 * params / ranks if ema else 0) + min(buckets, 4 * params)
+    ours = estimate + (4 * params / ranks if ema else 0) + _reduce_buckets(params, zero_stage)
     return ours, estimate
+
+
+def _reduce_buckets(params: int, zero_stage: int) -> float:
+    """fp32 reduce buckets: two in flight under ZeRO-2/3's `overlap_comm`, one otherwise."""
+    from pipeline.engines import BUCKET_ELEMENTS
+
+    buckets = 2 * 4 * BUCKET_ELEMENTS if zero_stage >= 2 else 4 * BUCKET_ELEMENTS
+    return min(buckets, 4 * params)
 
 
 def update_states_bytes(params: int, zero_stage: int, ranks: int, bf16: bool) -> float:
@@ -279,16 +284,13 @@ def update_states_bytes(params: int, zero_stage: int, ranks: int, bf16: bool) ->
     their fp32 partition; fp32 without ZeRO) and the reduce buckets. Between updates DeepSpeed has freed
     them: on an H200 (bench/RESULTS.md) the resident memory between steps was the bf16 weights, fp32
     masters and Adam moments alone, within 0.3%."""
-    from pipeline.engines import BUCKET_ELEMENTS
-
     if not bf16 and zero_stage == 0:
         grads = 4 * params
     elif zero_stage == 1:  # the bf16 gradients whole, their fp32 copy partitioned
         grads = 2 * params + 4 * params / ranks
     else:
         grads = 6 * params / ranks
-    buckets = 2 * 4 * BUCKET_ELEMENTS if zero_stage >= 2 else 4 * BUCKET_ELEMENTS
-    return grads + min(buckets, 4 * params)
+    return grads + _reduce_buckets(params, zero_stage)
 
 
 # ----------------------------------------------------------------------------------------------------
