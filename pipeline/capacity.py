@@ -507,15 +507,15 @@ def _critic_role(run: _Run) -> RolePlan:
                                    text_tokens=run.text_tokens, feature_layers=list(disc.feature_layers), method=method,
                                    checkpointing=checkpointing, dtype_bytes=run.dtype_bytes)
 
-    # A logits-only forward runs the whole trunk, but its backward (and recomputation) stops at the last
-    # tapped layer. The generator's feedback: the fake score (no grad), then the GAN loss's forward with
-    # its backward to the sample. Checked against torch's count of a step (tests/test_capacity.py).
+    # A logits-only forward runs the trunk up to its last tapped layer (Critic.logits). The generator's
+    # feedback: the fake score (no grad), then the GAN loss's forward with its backward to the sample
+    # (no recomputation: the frozen critic keeps its graph). Checked against torch's count of a step
+    # (tests/test_capacity.py).
     train = 4 if t.gradient_checkpointing else 3
     full = forward_flops(arch, arch["num_layers"], run.clip_tokens, run.clip_tokens, run.text_tokens)
     tapped = forward_flops(arch, max(disc.feature_layers) + 1, run.clip_tokens, run.clip_tokens, run.text_tokens)
-    logits = full + (train - 1) * tapped
-    update_flops = train * full + (critic_forwards_with_grad(method) - 1) * logits
-    feedback_flops = 2 * full + 2 * tapped
+    update_flops = train * (full + (critic_forwards_with_grad(method) - 1) * tapped)
+    feedback_flops = full + 3 * tapped
     flops = run.global_batch * (update_flops + run.generator_share * feedback_flops)
     bf16 = run.cfg.model.dtype == "bfloat16"
     states, estimate = trained_states_bytes(params, t.zero_stage, ranks, bf16, ema=False)

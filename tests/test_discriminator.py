@@ -36,6 +36,27 @@ def test_one_forward_gives_score_and_logits_matching_separate_calls():
     assert none is None and torch.equal(v_only, v)
 
 
+@torch.no_grad()
+def test_logits_alone_stop_at_the_last_tap_and_equal_the_whole_forwards():
+    """A critic tapped after its first of three blocks: `logits` runs that block only (the others and
+    the velocity head feed nothing the logits read) and gives the whole forward's logits exactly."""
+    trunk = tiny_wan(seed=1, num_layers=3)
+    torch.manual_seed(2)
+    critic = Critic(trunk, build_gan_heads(trunk, [0], num_registers=1, num_heads=2, ffn_dim=16), [0]).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t, text = torch.randn(2, 4, 2, 8, 8, generator=g), torch.tensor([300.0, 600.0]), torch.randn(2, 5, 32, generator=g)
+    _, whole = critic(x, t, text)
+    ran = []
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: ran.append(name))
+             for name, m in [("block 1", trunk.blocks[1]), ("block 2", trunk.blocks[2]), ("head", trunk.proj_out)]]
+    alone = critic.logits(x, t, text)
+    for hook in hooks:
+        hook.remove()
+    assert ran == [] and torch.equal(alone, whole)
+    with pytest.raises(ValueError, match="features_only needs feature_layers"):
+        trunk(x, t, text, features_only=True)
+
+
 def test_logits_depend_on_every_tap_and_train_the_trunk():
     critic = _critic()
     g = torch.Generator().manual_seed(0)

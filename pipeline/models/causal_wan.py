@@ -350,6 +350,7 @@ class CausalWanModel(WanTransformer3DModel):
         window_frames: int | None = None,
         sink_frames: int = 0,
         write_frames: int | None = None,
+        features_only: bool = False,
     ) -> CausalWanOutput | tuple[torch.Tensor, ...]:
         """Velocity prediction for `hidden_states` (B, C, F, H, W) at `timestep` (B,) or (B, F).
 
@@ -357,7 +358,10 @@ class CausalWanModel(WanTransformer3DModel):
         sees of the frames before it as `new_kv_cache(window_frames, sink_frames)` does: the whole-clip
         equivalent of generating with that cache. With a cache, `frames_per_block` splits the input into
         blocks that are causal among themselves, and `update_cache` writes the K/V of the first
-        `write_frames` latent frames (default: all) into the cache."""
+        `write_frames` latent frames (default: all) into the cache. `features_only`: stop after the last
+        of `feature_layers` and return no sample (the blocks after it and the head would feed nothing)."""
+        if features_only and (not feature_layers or update_cache):
+            raise ValueError("features_only needs feature_layers and no cache update (the later blocks would not write)")
         if frames_per_block is None and kv_cache is None:
             if window_frames is not None or sink_frames:
                 raise ValueError("window_frames and sink_frames need frames_per_block (a block-causal forward)")
@@ -372,7 +376,8 @@ class CausalWanModel(WanTransformer3DModel):
         hidden_states = hidden_states.to(self.compute_dtype)  # the model boundary: inputs in its dtype
         encoder_hidden_states = encoder_hidden_states.to(self.compute_dtype)
         frame_offset = kv_cache.num_frames if kv_cache is not None else 0
-        sample, features = self._run(hidden_states, timestep, encoder_hidden_states, call, frame_offset, feature_layers)
+        sample, features = self._run(hidden_states, timestep, encoder_hidden_states, call, frame_offset, feature_layers,
+                                     features_only)
         if kv_cache is not None:
             if call.text_kv is not None:
                 kv_cache.text_kv = call.text_kv
@@ -457,7 +462,8 @@ class CausalWanModel(WanTransformer3DModel):
         call: _AttentionCall | None,
         frame_offset: int,
         feature_layers: tuple[int, ...],
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        features_only: bool = False,
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         batch, _, num_frames, height, width = x.shape
         p_t, p_h, p_w = self.config.patch_size
         rotary_emb = self._rope(x, frame_offset)
@@ -472,10 +478,13 @@ class CausalWanModel(WanTransformer3DModel):
         timestep_proj = timestep_proj.unflatten(2 if ts_seq_len else 1, (6, -1))
 
         features = []
-        for i, block in enumerate(self.blocks):
+        last = max(feature_layers) if features_only else len(self.blocks) - 1
+        for i, block in enumerate(self.blocks[: last + 1]):
             tokens = self._run_block(block, call, tokens, text, timestep_proj, rotary_emb)
             if i in feature_layers:
                 features.append(tokens)
+        if features_only:
+            return None, features
 
         if temb.ndim == 3:
             shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)

@@ -160,7 +160,10 @@ class Critic(nn.Module):
         return out.sample, logits
 
     def logits(self, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.forward(x_t, timestep, text)[1]
+        """The GAN logits alone: the trunk stops at its last tapped block (the blocks after it and the
+        velocity head would feed nothing the logits read)."""
+        out = self.trunk(x_t, timestep, text, feature_layers=self.feature_layers, features_only=True)
+        return self.heads(out.features, timestep).float()
 
 
 def build_gan_heads(trunk: CausalWanModel, feature_layers: list[int], **kwargs) -> GANHeads:
