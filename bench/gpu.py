@@ -155,8 +155,8 @@ def distillation_step(device: torch.device, size: dict) -> dict:
     step = statistics.median(seconds[1:])
     result = {"s_per_step": round(step, 3), "peak_gb": round(peak / 1e9, 2), "resident_gb": round(resident / 1e9, 2),
               "predicted_gb": round(role.total / 1e9, 2),
-              "predicted_resident_gb": round((role.summed("states") - role.summed("update_states")) / 1e9, 2),
-              "predicted_turns_gb": {r.role: round(r.phase / 1e9, 2) for r in (role, *role.inside)},
+              "predicted_resident_gb": round(role.resident / 1e9, 2),
+              "predicted_turns_gb": {r.role: round(r.turn / 1e9, 2) for r in (role, *role.inside)},
               "predicted_tflop_per_step": float(f"{role.tflop_per_step:.4g}"),
               # The planner's FLOPs are torch's own count within 5% (tests/test_capacity.py, on the CPU:
               # counting on the H200 ran out of memory), checkpoint recomputation included.
@@ -215,10 +215,11 @@ def main() -> None:
     result = {"date": date, "size": size, "machine": machine(device)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu-{date}{'-tiny' if args.tiny else ''}.json"
     for name, measure in (("generation", generation), ("distillation", distillation_step)):
         result[name] = attempt(measure, device, size)
         # Written after each part: a lent GPU's minutes are few, and a later failure must not lose them.
-        (out / f"gpu-{date}{'-tiny' if args.tiny else ''}.json").write_text(json.dumps(result, indent=1) + "\n")
+        path.write_text(json.dumps(result, indent=1) + "\n")
     print(section(result))
     if any("error" in result[name] for name in ("generation", "distillation")):
         sys.exit(1)

@@ -316,17 +316,21 @@ class RolePlan:
     inside: list[RolePlan] = field(default_factory=list)  # trained roles that take their turn in these GPUs
 
     @property
-    def phase(self) -> float:
+    def turn(self) -> float:
         """What this role holds above its resident states during its own part of a step."""
         return self.update_states + self.activations + self.kv_cache + self.transient
 
     @property
+    def resident(self) -> float:
+        """What stays on these GPUs between steps: every role's states but its update's."""
+        return sum(r.states - r.update_states for r in (self, *self.inside))
+
+    @property
     def total(self) -> float:
-        """Resident states of every role on these GPUs plus the largest phase: the roles inside a Train
-        worker take turns (on a generator step the generator's turn, then the critic's update), so one
-        at a time holds gradients and activations. For a role alone: states + activations + KV + transient."""
-        roles = [self, *self.inside]
-        return sum(r.states - r.update_states for r in roles) + max(r.phase for r in roles)
+        """The resident states plus the largest turn: the roles inside a Train worker take turns (on a
+        generator step the generator's turn, then the critic's update), so one at a time holds
+        gradients and activations. For a role alone: states + activations + KV + transient."""
+        return self.resident + max(r.turn for r in (self, *self.inside))
 
     def summed(self, name: str) -> float:
         """A column of the table for these GPUs: this role's figure plus those of the roles inside it."""
