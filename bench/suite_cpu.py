@@ -1,6 +1,10 @@
 """Where a command's CPU goes, by process role: runs the command while sampling every process's CPU time
 twice a second from /proc, then prints CPU-seconds per role (Ray actors by class, Ray's daemons, job
-scripts, pytest) and the machine's busy and idle time over the run (from /proc/stat).
+scripts, pytest), with the memory each role's processes touched (the sum of their peak resident sizes),
+and the machine's busy and idle time over the run, its kernel share and its page faults (from /proc/stat
+and /proc/vmstat). On a virtual machine whose host takes freed memory back, the kernel's share is mostly
+memory being faulted in again, which is why the same suite takes 2-3x longer on some machines than on
+others (bench/RESULTS.md).
 
     python bench/suite_cpu.py -- python -m pytest -q -n 2 tests
     python bench/suite_cpu.py --json /tmp/cpu.json -- python jobs/quickstart.py --fast --out /tmp/qs
@@ -41,11 +45,22 @@ def role(command: str) -> str:
     return command[:60] or "?"
 
 
-def machine_cpu() -> tuple[float, float]:
-    """(busy, idle) CPU-seconds of the whole machine since boot."""
+def machine_cpu() -> dict[str, float]:
+    """CPU-seconds of the whole machine since boot (busy, of which in the kernel, idle, and stolen: time
+    the host ran something else while this machine had work), and its page faults (minor and major)."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    user, nice, system, idle, iowait, irq, softirq = values[:7]
-    return (user + nice + system + irq + softirq) / 100, (idle + iowait) / 100
+    user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
+    vmstat = dict(line.split() for line in Path("/proc/vmstat").read_text().splitlines())
+    return {"busy": (user + nice + system + irq + softirq) / 100, "kernel": (system + irq + softirq) / 100,
+            "idle": (idle + iowait) / 100, "stolen": steal / 100, "faults": float(vmstat.get("pgfault", 0))}
+
+
+def peak_resident_gb(pid: str) -> float:
+    """VmHWM: the most memory the process has had resident, i.e. pages it touched (0 once it has exited)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
 
 
 class Sampler(threading.Thread):
@@ -64,10 +79,12 @@ class Sampler(threading.Thread):
                 fields = stat[stat.rfind(")") + 2:].split()
                 cpu = (int(fields[11]) + int(fields[12])) / TICK
                 command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                peak = peak_resident_gb(pid)
             except (OSError, IndexError, ValueError):
                 continue
-            entry = self.seen.setdefault(f"{pid}:{fields[19]}", {"base": cpu if first else 0.0, "cpu": cpu, "command": ""})
+            entry = self.seen.setdefault(f"{pid}:{fields[19]}", {"base": cpu if first else 0.0, "cpu": cpu, "command": "", "peak_gb": 0.0})
             entry["cpu"] = cpu
+            entry["peak_gb"] = max(entry["peak_gb"], peak)
             if command:  # a process that has exited reads as empty: keep the name it had
                 entry["command"] = command
 
@@ -77,15 +94,17 @@ class Sampler(threading.Thread):
             self.sample(first=False)
 
 
-def by_role(seen: dict[str, dict]) -> list[tuple[str, float, int]]:
-    totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+def by_role(seen: dict[str, dict]) -> list[tuple[str, float, int, float]]:
+    """(role, CPU-s, processes, GB touched) for each role that used CPU during the run, most CPU first."""
+    totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0, 0.0])
     for entry in seen.values():
         used = entry["cpu"] - entry["base"]
         if used > 0:
             total = totals[role(entry["command"])]
             total[0] += used
             total[1] += 1
-    return sorted(((name, cpu, n) for name, (cpu, n) in totals.items()), key=lambda r: -r[1])
+            total[2] += entry.get("peak_gb", 0.0)
+    return sorted(((name, cpu, n, gb) for name, (cpu, n, gb) in totals.items()), key=lambda r: -r[1])
 
 
 def main() -> None:
@@ -98,19 +117,20 @@ def main() -> None:
     if not command:
         parser.error("give the command to run after --")
     sampler = Sampler()
-    busy0, idle0 = machine_cpu()
+    before = machine_cpu()
     start = time.time()
     sampler.start()
     code = subprocess.call(command)
     sampler.stopped.set()
     sampler.join()
     wall = time.time() - start
-    busy1, idle1 = machine_cpu()
+    used = {key: value - before[key] for key, value in machine_cpu().items()}
     rows = by_role(sampler.seen)
-    print(f"\nexit {code}; wall {wall:.0f} s; machine busy {busy1 - busy0:.0f} CPU-s, idle {idle1 - idle0:.0f} CPU-s; "
-          f"sampled processes {sum(cpu for _, cpu, _ in rows):.0f} CPU-s")
-    for name, cpu, count in rows[:args.top]:
-        print(f"{cpu:8.1f} CPU-s {count:4d} processes  {name}")
+    print(f"\nexit {code}; wall {wall:.0f} s; machine busy {used['busy']:.0f} CPU-s (kernel {used['kernel']:.0f}), "
+          f"idle {used['idle']:.0f} CPU-s, stolen {used['stolen']:.0f} CPU-s, {used['faults'] / 1e6:.1f} M page faults; "
+          f"sampled processes {sum(row[1] for row in rows):.0f} CPU-s, touched {sum(row[3] for row in rows):.0f} GB")
+    for name, cpu, count, gb in rows[:args.top]:
+        print(f"{cpu:8.1f} CPU-s {count:4d} processes {gb:6.1f} GB  {name}")
     if args.json:
         Path(args.json).write_text(json.dumps(list(sampler.seen.values())))
     sys.exit(code)
