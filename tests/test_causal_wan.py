@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanRotaryPosEmbed
 
 from pipeline.models.wan_weights import WAN_CONFIGS
 from tests.conftest import tiny_wan
@@ -215,6 +215,22 @@ def test_fused_write_and_predict_equals_the_two_calls(frames_per_block, window, 
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("offset", [0, 1016, 1020, 1500])
+def test_rope_past_the_table_is_diffusers_own_table_built_longer(offset):
+    """A stream with a cache window passes the RoPE table's 1024 latent frames (rope_max_seq_len) after
+    about four minutes of video: each block's rows, inside the table, across its end and past it, are
+    those of diffusers' WanRotaryPosEmbed built for 2048 positions (the block's 8 frames at 4x4 tokens)."""
+    model = tiny_wan()
+    frames, side = 8, 8
+    p_t, p_h, p_w = model.config.patch_size
+    tokens = (side // p_h) * (side // p_w)
+    longer = WanRotaryPosEmbed(model.config.attention_head_dim, model.config.patch_size, 2048)
+    whole = longer(torch.zeros(1, 1, offset + frames, side, side))
+    got = model._rope(torch.zeros(1, 1, frames, side, side), offset)
+    for g, w in zip(got, whole):
+        torch.testing.assert_close(g, w[:, offset * tokens:(offset + frames) * tokens])
+
+
 def test_block_causal_mask_hides_later_blocks_only():
     model = tiny_wan()
     x, t, text = inputs()

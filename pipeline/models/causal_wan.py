@@ -48,8 +48,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
+from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 from diffusers.utils import BaseOutput
+
+WAN_ROPE_THETA = 10000.0  # WanRotaryPosEmbed's default, which WanTransformer3DModel keeps
 
 
 @dataclass
@@ -436,23 +439,36 @@ class CausalWanModel(WanTransformer3DModel):
 
     def _rope(self, x: torch.Tensor, frame_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """diffusers' RoPE table (WanRotaryPosEmbed) for latent frames [frame_offset, frame_offset + F)."""
-        if frame_offset == 0:
-            return self.rope(x)
         rope = self.rope
         p_t, p_h, p_w = rope.patch_size
         frames, height, width = x.shape[2] // p_t, x.shape[3] // p_h, x.shape[4] // p_w
-        start = frame_offset // p_t
+        if frame_offset == 0 and frames <= rope.max_seq_len:
+            return self.rope(x)
         sizes = [rope.t_dim, rope.h_dim, rope.w_dim]
         tables = []
-        for table in (rope.freqs_cos, rope.freqs_sin):
-            f, h, w = table.split(sizes, dim=1)
+        for table, f in zip((rope.freqs_cos, rope.freqs_sin), self._temporal_rope(frame_offset // p_t, frames)):
+            _, h, w = table.split(sizes, dim=1)
             grid = (
-                f[start : start + frames].view(frames, 1, 1, -1).expand(frames, height, width, -1),
+                f.view(frames, 1, 1, -1).expand(frames, height, width, -1),
                 h[:height].view(1, height, 1, -1).expand(frames, height, width, -1),
                 w[:width].view(1, 1, width, -1).expand(frames, height, width, -1),
             )
             tables.append(torch.cat(grid, dim=-1).reshape(1, frames * height * width, 1, -1))
         return tables[0], tables[1]
+
+    def _temporal_rope(self, start: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The temporal (cos, sin) rows of latent frames [start, start + frames). The table holds
+        `rope_max_seq_len` positions (1024 in Wan's configs); a stream with a cache window goes past them
+        after 1024 latent frames (about four minutes of 16 fps video), so rows past the table are computed
+        the way diffusers computed the table's (its default theta, which Wan uses), not cut short."""
+        rope = self.rope
+        cos, sin = (table[:, :rope.t_dim] for table in (rope.freqs_cos, rope.freqs_sin))
+        if start + frames <= rope.max_seq_len:
+            return cos[start:start + frames], sin[start:start + frames]
+        positions = torch.arange(start, start + frames, dtype=torch.float64)
+        far_cos, far_sin = get_1d_rotary_pos_embed(rope.t_dim, positions, WAN_ROPE_THETA, use_real=True,
+                                                   repeat_interleave_real=True, freqs_dtype=torch.float64)
+        return far_cos.to(cos), far_sin.to(sin)
 
     def _run(
         self,
