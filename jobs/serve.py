@@ -56,7 +56,8 @@ def build_app(cfg: Config, checkpoint: str, token: str = ""):
     replicas: dict[str, Any] = {"num_replicas": s.num_replicas}
     if s.max_replicas > s.num_replicas:
         replicas = {"autoscaling_config": {"min_replicas": s.num_replicas, "max_replicas": s.max_replicas,
-                                           "target_ongoing_requests": 1}}
+                                           "target_ongoing_requests": 1, "upscale_delay_s": s.upscale_delay_s,
+                                           "downscale_delay_s": s.downscale_delay_s}}
     registry = StreamRegistry.bind(s.max_streams_per_client)
     replica = StreamReplica.options(
         **replicas, max_queued_requests=s.max_queued_streams * max(s.num_replicas, s.max_replicas),

@@ -270,6 +270,8 @@ class ServeConfig:
     port: int = 8000
     num_replicas: int = 1
     max_replicas: int = 0  # above num_replicas: autoscale between them on ongoing streams
+    upscale_delay_s: float = 30.0  # Serve's defaults: how long streams must wait before a replica is added,
+    downscale_delay_s: float = 600.0  # and how long one must stay idle before it is removed
     resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
     max_queued_streams: int = 2  # per replica, waiting for it; one more is answered 503 at once
     max_blocks: int = 256  # the longest stream, in blocks; past the clip it needs a cache window
@@ -284,6 +286,9 @@ class ServeConfig:
             raise ConfigError(f"serve.max_replicas={self.max_replicas} is below serve.num_replicas={self.num_replicas}")
         if self.jpeg_quality > 100:
             raise ConfigError(f"serve.jpeg_quality must be 1-100, got {self.jpeg_quality}")
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"serve.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

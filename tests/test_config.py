@@ -27,6 +27,7 @@ def test_yaml_then_overrides(tmp_path):
     ("method.gradient_num_blocks=30", "method.gradient_num_blocks=30 exceeds"),
     ("train", "not of the form"),
     ("train.lr.x=1", "train.lr: expected float"),
+    ("serve.upscale_delay_s=-1", "serve.upscale_delay_s must be >= 0, got -1"),
 ])
 def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):

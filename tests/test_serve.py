@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jobs.serve import APP_NAME
 from pipeline.checkpoint import export_settings
 from pipeline.config import load_config
 from pipeline.generation import SHIPPED_STUDENT, ClipGenerator
@@ -84,27 +85,56 @@ def jpeg_round_trip(frame: np.ndarray, quality: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(ray_local, ray_cluster, tmp_path_factory):
-    """The shipped toy student served on the session's cluster with a bearer token, logging to MLflow;
+    """The shipped toy student served on the session's cluster as users start it, `python jobs/serve.py
+    --checkpoint ...` in the foreground, with a bearer token in its environment and logging to MLflow;
     (client, generator, MLflow store) where the generator is the same export loaded here, as the
-    reference."""
+    reference. At the end the job is stopped as `ray job stop` stops it (SIGTERM): it deletes its
+    application and exits 0."""
     from ray import serve
 
-    from jobs import serve as job
     from tests.browser import free_port
 
-    store = f"sqlite:///{tmp_path_factory.mktemp('serve_mlflow') / 'mlflow.db'}"
-    cfg = load_config(None, [*SERVE, f"serve.port={free_port()}", f"ray.address={ray_cluster[0]}", "serve.log_to_mlflow=true",
-                             f"tracking.tracking_uri={store}", "tracking.experiment=serve"], base=export_settings(EXPORT))
-    os.environ[cfg.serve.auth_env] = TOKEN
+    tmp = tmp_path_factory.mktemp("serve")
+    store, port = f"sqlite:///{tmp / 'mlflow.db'}", free_port()
+    overrides = [*SERVE, f"serve.port={port}", f"ray.address={ray_cluster[0]}", "serve.log_to_mlflow=true",
+                 f"tracking.tracking_uri={store}", "tracking.experiment=serve"]
+    cfg = load_config(None, overrides, base=export_settings(EXPORT))
+    out = tmp / "serve.out"
+    with open(out, "w") as sink:
+        job = subprocess.Popen([sys.executable, "jobs/serve.py", "--checkpoint", EXPORT, *overrides], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=sink, env={**os.environ, cfg.serve.auth_env: TOKEN})
     try:
-        url = job.start(cfg, EXPORT)
+        url = f"http://127.0.0.1:{port}/"
+        first = wait_for_line(job, "streaming ", timeout=240, log=out)
+        assert first == f"streaming {EXPORT} at {url} (API: {url}v1/streams)", first
+        yield Client(port), ClipGenerator.load(EXPORT, cfg), store
+        job.send_signal(signal.SIGTERM)
+        rest, _ = job.communicate(timeout=120)
+        assert job.returncode == 0 and rest.strip().endswith("stopped: the application is deleted"), (job.returncode, rest, out.read_text()[-2000:])
+        assert APP_NAME not in serve.status().applications
     finally:
-        os.environ.pop(cfg.serve.auth_env)
-    assert url == f"http://127.0.0.1:{cfg.serve.port}/"
-    try:
-        yield Client(cfg.serve.port), ClipGenerator.load(EXPORT, cfg), store
-    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
         serve.shutdown()
+
+
+def wait_for_line(job: subprocess.Popen, prefix: str, timeout: float, log: Path) -> str:
+    """The first line of the job's stdout that starts with `prefix`; fails with its stderr if the job
+    exits or `timeout` seconds pass first."""
+    found: list[str] = []
+
+    def read() -> None:
+        for line in job.stdout:
+            if line.startswith(prefix):
+                found.append(line.strip())
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert found, f"jobs/serve.py did not start (exit code {job.poll()}): {log.read_text()[-3000:]}"
+    return found[0]
 
 
 def stream_parts(client: Client, stream_id: str, fmt: str = "png") -> tuple[list, list[float]]:
@@ -341,6 +371,43 @@ def test_a_replica_killed_mid_stream_ends_it_with_an_error_and_the_next_stream_i
         assert time.time() < deadline and (reply.status == 200 or reply.status >= 500), (reply.status, reply.read()[:300])
         time.sleep(1)
     np.testing.assert_allclose(np.stack([frame_of(p) for p in parts_after[:-1]]), np.rint(gen.generate(BLUE, 2) * 255) / 255, atol=1e-6)
+
+
+def test_with_max_replicas_a_second_replica_starts_and_takes_the_stream_that_waits(server, ray_cluster):
+    """The running application updated in place to `serve.max_replicas=2` (one replica to start, no
+    delay before scaling up): while one stream holds the first replica, a second one waits in the
+    queue, Serve's autoscaler adds a replica, and the waiting stream runs on it before the first one
+    ends. (The job, stopped at the end of the module, deletes the updated application.)"""
+    from ray import serve
+    from ray.util.state import list_actors
+
+    from jobs import serve as job
+
+    client, gen, _ = server
+    cfg = load_config(None, [*SERVE, f"serve.port={client.port}", "serve.num_replicas=1", "serve.max_replicas=2",
+                             "serve.upscale_delay_s=0", "serve.max_blocks=100000"], base=export_settings(EXPORT))
+    serve.run(job.build_app(cfg, EXPORT, TOKEN), name=APP_NAME, route_prefix="/")
+    replicas = lambda: [a for a in list_actors(address=ray_cluster[0], filters=[("state", "=", "ALIVE")])  # noqa: E731
+                        if "StreamReplica" in a.class_name]
+    deadline = time.time() + 60
+    while len(replicas()) != 1:  # the update replaced the replica (its config changed); the old one stops
+        assert time.time() < deadline, replicas()
+        time.sleep(0.5)
+    # Holds the one replica until it is closed: at the toy's ~100 frames a second, minutes of frames.
+    first_id = client.create(prompt=RED, frames=100_000, window=3)
+    first = client.open(first_id)
+    assert next(read_parts(chunks(first))).content_type == "image/png"
+    waiting = client.create(prompt=BLUE, seed=2)
+    outcome: dict = {}
+    opener = threading.Thread(target=lambda: outcome.update(parts=stream_parts(client, waiting)[0]))
+    opener.start()
+    opener.join(timeout=240)  # the second replica's start, on a machine two tests may share
+    assert not opener.is_alive(), "the waiting stream did not start while the first one ran"
+    status, first_state = client.call("GET", f"/v1/streams/{first_id}/status")
+    assert status == 200 and first_state["state"] == "streaming", first_state  # the two ran side by side
+    assert len(replicas()) == 2
+    first.close()
+    np.testing.assert_allclose(np.stack([frame_of(p) for p in outcome["parts"][:-1]]), np.rint(gen.generate(BLUE, 2) * 255) / 255, atol=1e-6)
 
 
 def test_a_checkpoint_that_does_not_exist_is_one_line_and_exit_2(tmp_path):
