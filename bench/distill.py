@@ -74,8 +74,9 @@ def rollup_mb(pid: int) -> dict[str, float] | None:
 
 
 def resident_frames(pid: int) -> np.ndarray | None:
-    """The physical frame numbers of a process's resident pages; None once it has gone or when the
-    kernel hides frame numbers (they read as 0 without CAP_SYS_ADMIN)."""
+    """The physical frame numbers of a process's resident pages: none once it has gone (a process that
+    exits between the group's lookup and this read holds no pages, as it adds nothing to the RSS sums),
+    None when the kernel hides frame numbers (they read as 0 without CAP_SYS_ADMIN)."""
     frames = []
     try:
         with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
@@ -87,8 +88,8 @@ def resident_frames(pid: int) -> np.ndarray | None:
                 pagemap.seek(start * 8)
                 entries = np.frombuffer(pagemap.read((end - start) * 8), dtype=np.uint64)
                 frames.append(entries[entries >> np.uint64(63) == 1] & np.uint64((1 << 55) - 1))
-    except (FileNotFoundError, ProcessLookupError):
-        return None
+    except (OSError, ValueError):  # gone, or going: a pagemap cut short by the exit
+        return np.zeros(0, np.uint64)
     frames = np.concatenate(frames) if frames else np.zeros(0, np.uint64)
     return None if len(frames) and not frames.any() else frames
 
