@@ -30,7 +30,9 @@ from pipeline.failures import cause
 from pipeline.streaming import CONTENT_TYPE, FORMATS, Limits, RequestError, encode_frame, json_part, parse_request, parse_switch, part
 
 UNCLAIMED_TTL_S = 120  # a stream created and never requested frees its client's slot after this
-AHEAD_BLOCKS = 4  # blocks a replica makes ahead of what it has handed to Serve
+AHEAD_BLOCKS = 8  # blocks a replica makes ahead of what it has handed to Serve
+SEND_EVERY_S = 0.025  # after the first frame, a stream's parts go to Serve at most this often, as one chunk
+POLL_EVERY_S = 0.05  # a replica asks the registry for its stream's switches and stop at most this often
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -83,13 +85,12 @@ class StreamRegistry:
         if stream["state"] == "created":
             stream["state"] = "finished"
 
-    def poll(self, stream_id: str, block: int) -> dict[str, Any]:
-        """For the replica before it makes `block`: the prompt it takes from there (the last one due,
-        once) and whether to stop."""
+    def poll(self, stream_id: str) -> dict[str, Any]:
+        """For the replica: the switches asked since it last asked, handed over once, as (block, prompt)
+        in the order they came (block -1: the next block it starts), and whether to stop."""
         stream = self._get(stream_id)
-        due = [p for p in stream["prompts"] if p[0] <= block]
-        stream["prompts"] = [p for p in stream["prompts"] if p[0] > block]
-        return {"prompt": due[-1][1] if due else None, "stop": stream["stop"]}
+        prompts, stream["prompts"] = stream["prompts"], []
+        return {"prompts": prompts, "stop": stream["stop"]}
 
     def finish(self, stream_id: str, stats: dict[str, Any]) -> None:
         stream = self._get(stream_id)
@@ -141,9 +142,11 @@ class StreamReplica:
                               request["cache_window"], request["sink_frames"])
             blocks: asyncio.Queue = asyncio.Queue(maxsize=AHEAD_BLOCKS)
             producer = asyncio.ensure_future(self._produce(stream_id, live, fmt, blocks, stats))
-            first, ended = None, False
+            first, ended, sent_at = None, False, 0.0
             while not ended:
                 ready = [await blocks.get()]
+                if first is not None and (wait := sent_at + SEND_EVERY_S - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)  # the blocks made meanwhile go in this chunk
                 while ready[-1] is not None and not isinstance(ready[-1], BaseException) and not blocks.empty():
                     ready.append(blocks.get_nowait())
                 chunk = []
@@ -162,6 +165,7 @@ class StreamReplica:
                         chunk.append(part(image, FORMATS[fmt], headers))
                         stats["frames"] += 1
                 if chunk:
+                    sent_at = time.monotonic()
                     yield b"".join(chunk)
             seconds = time.time() - started
             stats.update(first_frame_ms=first or 0.0, frames_per_s=stats["frames"] / max(seconds - (first or 0) / 1000, 1e-9),
@@ -174,29 +178,45 @@ class StreamReplica:
             self._log(stats)
 
     async def _produce(self, stream_id: str, live: Any, fmt: str, blocks: asyncio.Queue, stats: dict[str, Any]) -> None:
-        """Make the stream's blocks into `blocks` (then None, or the error). The registry is asked for a
-        switch or a stop while the block before is made, and its answer applies to the next block: its
-        round trip (a Serve call, milliseconds) is not added to every block's time."""
-        asked = asyncio.ensure_future(self.registry.poll.remote(stream_id, 0))
+        """Make the stream's blocks into `blocks` (then None, or the error). Before the first block the
+        replica waits for the registry's answer (a switch scheduled before the frames were asked for);
+        after it, the registry is asked at most every POLL_EVERY_S while blocks are made, and its answer
+        applies from the next block: a Serve call per block cost a replica a third of its CPU when blocks
+        take milliseconds. A switch reaches the stream within about 50 ms; one scheduled at a block is
+        handed over ahead of it and taken at that block."""
+        pending: list[tuple[int, str]] = []  # (from block, prompt), in the order they were asked
+        asked, asked_at = asyncio.ensure_future(self.registry.poll.remote(stream_id)), time.monotonic()
         try:
-            while not live.done:
-                control = await asked
-                if control["stop"]:
-                    stats["stopped"] = True
+            control = await asked
+            asked = None
+            while True:
+                if control is not None:
+                    if control["stop"]:
+                        stats["stopped"] = True
+                        break
+                    pending += [(live.blocks if block < 0 else block, prompt) for block, prompt in control["prompts"]]
+                    control = None
+                if live.done:
                     break
-                if control["prompt"] is not None:
-                    live.switch_prompt(control["prompt"])
+                due = [prompt for block, prompt in pending if block <= live.blocks]
+                if due:
+                    pending = [(block, prompt) for block, prompt in pending if block > live.blocks]
+                    live.switch_prompt(due[-1])
                     stats["switches"] += 1
-                asked = asyncio.ensure_future(self.registry.poll.remote(stream_id, live.blocks + 1))
+                if asked is None and time.monotonic() - asked_at >= POLL_EVERY_S:
+                    asked, asked_at = asyncio.ensure_future(self.registry.poll.remote(stream_id)), time.monotonic()
                 # Made and encoded in a thread: the event loop keeps relaying parts and answering Serve.
                 images, held = await asyncio.to_thread(self._block, live, fmt)
                 stats["blocks"] = live.blocks
                 await blocks.put((images, live.blocks - 1, stats["switches"], held))
+                if asked is not None and asked.done():
+                    control, asked = asked.result(), None
             await blocks.put(None)
         except Exception as err:  # noqa: BLE001 - handed to the generator, which raises it
             await blocks.put(err)
         finally:
-            asked.cancel()
+            if asked is not None:
+                asked.cancel()
 
     def _block(self, live: Any, fmt: str) -> tuple[list[bytes], int]:
         """The next block's frames, encoded, and what the stream holds after it."""

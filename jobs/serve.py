@@ -9,7 +9,7 @@ overrides. The HTTP API (JSON errors name their field, with a 4xx status):
 
     POST   /v1/streams               {"prompt": ..., "seed"?, "frames"?, "window"?, "sink_frames"?} -> 201 {"id": ...}
     GET    /v1/streams/{id}          the frames, multipart JPEG (?format=png), one part per frame, then a JSON part
-    POST   /v1/streams/{id}/prompt   {"prompt": ..., "at_block"?}: the next block the replica starts (or that block) on follows it
+    POST   /v1/streams/{id}/prompt   {"prompt": ..., "at_block"?}: a block the replica starts within ~50 ms (or that block) on follows it
     GET    /v1/streams/{id}/status   its state and, once finished, its numbers
     DELETE /v1/streams/{id}          stops it after the block being made; the replica takes the next stream
 
