@@ -12,13 +12,18 @@ planner's predictions. About 5 minutes on one H200; run it whenever a GPU is len
 3. One distillation step on one GPU: student and critic in DeepSpeed engines (ZeRO-2, bf16, activation
    checkpointing), a 1.3B teacher as the 14B's stand-in (the 14B does not fit beside them), every role
    inside the one worker: seconds per step and peak memory, next to `pipeline.capacity`'s prediction
-   for the same placement.
+   for the same placement. The same step's memory is also split by role (each role's weights and
+   states when it is built, and its turn: the peak inside the teacher's calls, the critic's calls, and
+   the rest of the step, which is the student's), next to the planner's figures for the shipped
+   placement, where each role has GPUs of its own.
 Writes bench/results/gpu-<date>.json (or --out) and prints a section for bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import datetime
 import json
 import os
@@ -102,6 +107,76 @@ def generation(device: torch.device, size: dict) -> dict:
     return results
 
 
+class DeviceMemory:
+    """What the device's allocator says: allocated bytes, the peak since the last reset. Reads 0 on a
+    device without these statistics (the CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.cuda = device, device.type == "cuda"
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.cuda else 0
+
+    def peak(self) -> int:
+        sync(self.device)
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else 0
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+
+class TurnsByRole:
+    """Each role's turn in a step where every role runs in this process: the device's peak memory
+    above what was allocated when the role's part began. The teacher's and the critic's calls are
+    theirs (measured from their start: on a GPU of their own, the student's activations are not
+    there); the rest of the step is the student's (measured from the step's start)."""
+
+    def __init__(self, memory) -> None:
+        self.memory, self.turns = memory, collections.defaultdict(float)
+        self.stack: list[tuple[str, int]] = []
+        self.highest = 0  # the peak over every part: the device's own (each part resets its counter)
+
+    def _close(self) -> None:
+        """The running part's peak, as its role's turn (the largest so far), then a fresh peak."""
+        peak = self.memory.peak()
+        self.highest = max(self.highest, peak)
+        if self.stack:
+            role, base = self.stack[-1]
+            self.turns[role] = max(self.turns[role], peak - base)
+        self.memory.reset_peak()
+
+    @contextlib.contextmanager
+    def part(self, role: str, base: int | None = None):
+        self._close()
+        self.stack.append((role, self.memory.allocated() if base is None else base))
+        try:
+            yield
+        finally:
+            self._close()
+            self.stack.pop()
+
+    def wrap(self, inner, role: str, *methods: str):
+        """`inner` with its `methods` counted as `role`'s parts (its other attributes as they are)."""
+        turns = self
+
+        class Counted:
+            def __getattr__(self, name):
+                value = getattr(inner, name)
+                if name not in methods:
+                    return value
+
+                def counted(*args, **kwargs):
+                    with turns.part(role):
+                        return value(*args, **kwargs)
+                return counted
+        return Counted()
+
+
+def on_device_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def distillation_step(device: torch.device, size: dict) -> dict:
     """s/step and peak memory of distill_step with every role in this process, and the planner's figure."""
     import torch.distributed as dist
@@ -129,29 +204,48 @@ def distillation_step(device: torch.device, size: dict) -> dict:
     if not arch.startswith("wan"):
         overrides += ["method.discriminator.feature_layers=[0, 1]"]
     cfg = load_config(str(REPO / "configs" / "wan_1_3b_framewise.yaml"), overrides)
-    student = DeepSpeedOptimised(load_student(cfg.model, device, checkpointing=cfg.train.gradient_checkpointing), cfg.train.lr, cfg, 1)
-    critic = DeepSpeedOptimised(load_critic(cfg, device), cfg.train.critic_lr, cfg, 1)
+    memory = DeviceMemory(device)
+    turns = TurnsByRole(memory)
+    built: dict[str, int] = {}  # what each role holds once built: weights, and for the trained ones their states
+
+    def build(role: str, make):
+        before = memory.allocated()
+        made = make()
+        built[role] = memory.allocated() - before
+        return made
+
+    student = build("student", lambda: DeepSpeedOptimised(
+        load_student(cfg.model, device, checkpointing=cfg.train.gradient_checkpointing), cfg.train.lr, cfg, 1))
+    critic = build("critic", lambda: DeepSpeedOptimised(load_critic(cfg, device), cfg.train.critic_lr, cfg, 1))
+    teacher = build("teacher", lambda: load_teacher(cfg.model, device))
     g = torch.Generator().manual_seed(0)
     text_dim = student.module.config.text_dim
     negative = torch.randn(size["text"], text_dim, generator=g).to(device)
-    ctx = StepContext(cfg, student, LocalTeacher(load_teacher(cfg.model, device), negative, cfg.method.real_guidance),
-                      LocalCritic(critic, cfg.method))
+    ctx = StepContext(cfg, student, turns.wrap(LocalTeacher(teacher, negative, cfg.method.real_guidance), "teacher", "real_x0"),
+                      turns.wrap(LocalCritic(critic, cfg.method), "critic", "feedback", "update"))
     shape = (1, student.module.config.in_channels, size["frames"], size["height"], size["width"])
     batch = Batch(ids=["0"], text=torch.randn(1, size["text"], text_dim, generator=g).to(device),
                   latent=torch.randn(shape, generator=g).to(device), indices=[0])
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    memory.reset_peak()
     seconds = []
     for step in range(size["steps"]):
         sync(device)
         start = time.perf_counter()
-        distill_step(ctx, batch, step)
+        with turns.part("student", base=memory.allocated()):
+            distill_step(ctx, batch, step)
         sync(device)
         seconds.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # between steps: model states
-    planned = capacity.plan(cfg, capacity.load_cluster(REPO / "cluster.yaml"))
+    peak, resident = turns.highest, memory.allocated()  # resident: between steps, the model states
+    cluster = capacity.load_cluster(REPO / "cluster.yaml")
+    planned = capacity.plan(cfg, cluster)
     role = next(r for r in planned.roles if r.role == "student")  # teacher and critic merged into it
+    # The shipped placement: each role on GPUs of its own (one each here, as this step's one sample).
+    apart = capacity.plan(load_config(str(REPO / "configs" / "wan_1_3b_framewise.yaml"), [
+        *overrides, "ray.critic_placement=actors", "ray.critic_actors=1", "ray.teacher_actors=1"]), cluster)
+    built["student"] += on_device_bytes(ctx.ema.shares) if ctx.ema is not None else 0
+    by_role = {r.role: {"resident_gb": round(built[r.role] / 1e9, 2), "turn_gb": round(turns.turns[r.role] / 1e9, 2),
+                        "predicted_resident_gb": round(r.resident / 1e9, 2), "predicted_turn_gb": round(r.turn / 1e9, 2)}
+               for r in apart.roles if r.role in built}
     step = statistics.median(seconds[1:])
     result = {"s_per_step": round(step, 3), "peak_gb": round(peak / 1e9, 2), "resident_gb": round(resident / 1e9, 2),
               "predicted_gb": round(role.total / 1e9, 2),
@@ -160,7 +254,7 @@ def distillation_step(device: torch.device, size: dict) -> dict:
               "predicted_tflop_per_step": float(f"{role.tflop_per_step:.4g}"),
               # The planner's FLOPs are torch's own count within 5% (tests/test_capacity.py, on the CPU:
               # counting on the H200 ran out of memory), checkpoint recomputation included.
-              "achieved_tflops": round(role.tflop_per_step / step, 1)}
+              "achieved_tflops": round(role.tflop_per_step / step, 1), "by_role": by_role}
     dist.destroy_process_group()
     return result
 
@@ -200,6 +294,11 @@ def section(result: dict) -> str:
     lines.append(f"| between steps (weights, fp32 masters, Adam, EMA) | {d['resident_gb']} | {d['predicted_resident_gb']} |")
     lines.append(f"| peak - between steps | {round(d['peak_gb'] - d['resident_gb'], 2)} | "
                  f"{round(d['predicted_gb'] - d['predicted_resident_gb'], 2)} (the largest turn of: {turns}) |")
+    lines.append("\nThe same step by role, against the planner's figures for the shipped placement (each role on its own GPUs):\n")
+    lines.append("| role | built, GB | planner resident | turn, GB | planner turn |")
+    lines.append("|---|---|---|---|---|")
+    for name, r in d["by_role"].items():
+        lines.append(f"| {name} | {r['resident_gb']} | {r['predicted_resident_gb']} | {r['turn_gb']} | {r['predicted_turn_gb']} |")
     return "\n".join(lines)
 
 
