@@ -181,7 +181,7 @@ class StreamReplica:
         """Make the stream's blocks into `blocks` (then None, or the error). Before the first block the
         replica waits for the registry's answer (a switch scheduled before the frames were asked for);
         after it, the registry is asked at most every POLL_EVERY_S while blocks are made, and its answer
-        applies from the next block: a Serve call per block cost a replica a third of its CPU when blocks
+        applies from the next block: a Serve call per block cost a replica a quarter of its CPU when blocks
         take milliseconds. A switch reaches the stream within about 50 ms; one scheduled at a block is
         handed over ahead of it and taken at that block."""
         pending: list[tuple[int, str]] = []  # (from block, prompt), in the order they were asked
