@@ -389,7 +389,7 @@ def test_with_max_replicas_a_second_replica_starts_and_takes_the_stream_that_wai
     serve.run(job.build_app(cfg, EXPORT, TOKEN), name=APP_NAME, route_prefix="/")
     replicas = lambda: [a for a in list_actors(address=ray_cluster[0], filters=[("state", "=", "ALIVE")])  # noqa: E731
                         if "StreamReplica" in a.class_name]
-    deadline = time.time() + 60
+    deadline = time.time() + 180  # the old one's graceful shutdown, on a slow machine
     while len(replicas()) != 1:  # the update replaced the replica (its config changed); the old one stops
         assert time.time() < deadline, replicas()
         time.sleep(0.5)
