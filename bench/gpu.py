@@ -203,7 +203,8 @@ def distillation_step(device: torch.device, size: dict) -> dict:
     ]
     if not arch.startswith("wan"):
         overrides += ["method.discriminator.feature_layers=[0, 1]"]
-    cfg = load_config(str(REPO / "configs" / "wan_1_3b_framewise.yaml"), overrides)
+    shipped = str(REPO / "configs" / "wan_1_3b_framewise.yaml")
+    cfg = load_config(shipped, overrides)
     memory = DeviceMemory(device)
     turns = TurnsByRole(memory)
     built: dict[str, int] = {}  # what each role holds once built: weights, and for the trained ones their states
@@ -240,7 +241,7 @@ def distillation_step(device: torch.device, size: dict) -> dict:
     planned = capacity.plan(cfg, cluster)
     role = next(r for r in planned.roles if r.role == "student")  # teacher and critic merged into it
     # The shipped placement: each role on GPUs of its own (one each here, as this step's one sample).
-    apart = capacity.plan(load_config(str(REPO / "configs" / "wan_1_3b_framewise.yaml"), [
+    apart = capacity.plan(load_config(shipped, [
         *overrides, "ray.critic_placement=actors", "ray.critic_actors=1", "ray.teacher_actors=1"]), cluster)
     built["student"] += on_device_bytes(ctx.ema.shares) if ctx.ema is not None else 0
     by_role = {r.role: {"resident_gb": round(built[r.role] / 1e9, 2), "turn_gb": round(turns.turns[r.role] / 1e9, 2),

@@ -2,9 +2,9 @@
 twice a second from /proc, then prints CPU-seconds per role (Ray actors by class, Ray's daemons, job
 scripts, pytest), with the memory each role's processes touched (the sum of their peak resident sizes),
 and the machine's busy and idle time over the run, its kernel share and its page faults (from /proc/stat
-and /proc/vmstat). On a virtual machine whose host takes freed memory back, the kernel's share is mostly
-memory being faulted in again, which is why the same suite takes 2-3x longer on some machines than on
-others (bench/RESULTS.md).
+and /proc/vmstat). The same suite has taken 2-3x longer on some machines of the same kind than on
+others (bench/RESULTS.md); these figures show whether a slow run spent its time in the kernel (memory
+faulted in again where the host takes freed memory back), lost it to the host, or did more work.
 
     python bench/suite_cpu.py -- python -m pytest -q -n 2 tests
     python bench/suite_cpu.py --json /tmp/cpu.json -- python jobs/quickstart.py --fast --out /tmp/qs

@@ -351,14 +351,19 @@ def test_the_page_plays_a_stream_in_headless_chromium(server, tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
 
 
-def test_a_replica_killed_mid_stream_ends_it_with_an_error_and_the_next_stream_is_served(server, ray_cluster):
+def alive_replicas(address: str) -> list:
+    """The StreamReplica actors alive on the cluster, as Ray's state API lists them."""
     from ray.util.state import list_actors
 
+    return [a for a in list_actors(address=address, filters=[("state", "=", "ALIVE")]) if "StreamReplica" in a.class_name]
+
+
+def test_a_replica_killed_mid_stream_ends_it_with_an_error_and_the_next_stream_is_served(server, ray_cluster):
     client, gen, _ = server
     reply = client.open(client.create(prompt=RED, frames=512, window=3))
     parts = read_parts(chunks(reply))
     next(parts)
-    [replica] = [a for a in list_actors(address=ray_cluster[0], filters=[("state", "=", "ALIVE")]) if "StreamReplica" in a.class_name]
+    [replica] = alive_replicas(ray_cluster[0])
     os.kill(replica.pid, signal.SIGKILL)
     end = list(parts)[-1]
     assert end.content_type == "application/json" and "error" in end.json(), end.body[:200]
@@ -379,7 +384,6 @@ def test_with_max_replicas_a_second_replica_starts_and_takes_the_stream_that_wai
     queue, Serve's autoscaler adds a replica, and the waiting stream runs on it before the first one
     ends. (The job, stopped at the end of the module, deletes the updated application.)"""
     from ray import serve
-    from ray.util.state import list_actors
 
     from jobs import serve as job
 
@@ -387,11 +391,9 @@ def test_with_max_replicas_a_second_replica_starts_and_takes_the_stream_that_wai
     cfg = load_config(None, [*SERVE, f"serve.port={client.port}", "serve.num_replicas=1", "serve.max_replicas=2",
                              "serve.upscale_delay_s=0", "serve.max_blocks=100000"], base=export_settings(EXPORT))
     serve.run(job.build_app(cfg, EXPORT, TOKEN), name=APP_NAME, route_prefix="/")
-    replicas = lambda: [a for a in list_actors(address=ray_cluster[0], filters=[("state", "=", "ALIVE")])  # noqa: E731
-                        if "StreamReplica" in a.class_name]
     deadline = time.time() + 180  # the old one's graceful shutdown, on a slow machine
-    while len(replicas()) != 1:  # the update replaced the replica (its config changed); the old one stops
-        assert time.time() < deadline, replicas()
+    while len(alive_replicas(ray_cluster[0])) != 1:  # the update replaced the replica (its config changed); the old one stops
+        assert time.time() < deadline, alive_replicas(ray_cluster[0])
         time.sleep(0.5)
     # Holds the one replica until it is closed: at the toy's ~100 frames a second, minutes of frames.
     first_id = client.create(prompt=RED, frames=100_000, window=3)
@@ -405,7 +407,7 @@ def test_with_max_replicas_a_second_replica_starts_and_takes_the_stream_that_wai
     assert not opener.is_alive(), "the waiting stream did not start while the first one ran"
     status, first_state = client.call("GET", f"/v1/streams/{first_id}/status")
     assert status == 200 and first_state["state"] == "streaming", first_state  # the two ran side by side
-    assert len(replicas()) == 2
+    assert len(alive_replicas(ray_cluster[0])) == 2
     first.close()
     np.testing.assert_allclose(np.stack([frame_of(p) for p in outcome["parts"][:-1]]), np.rint(gen.generate(BLUE, 2) * 255) / 255, atol=1e-6)
 
